@@ -1,0 +1,130 @@
+"""The CUDA extension ``jax_ep._jax_ep_cuda`` as XLA FFI custom calls.
+
+Importing this module never fails: without the extension ``HAS_CUDA_EXTENSION`` is False and
+``IMPORT_ERROR`` says why (a built extension that fails to load also warns). The extension's
+handlers are registered for platform "CUDA" at import; on a machine without GPUs that
+registration is only queued, so the CUDA lowering can still be traced and inspected there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+_EXT_NAME = f"{__package__}._jax_ep_cuda"
+_ext = None
+IMPORT_ERROR: str | None = None
+if importlib.util.find_spec(_EXT_NAME) is None:  # pure-Python install
+    IMPORT_ERROR = f"{_EXT_NAME} was not built"
+else:
+    try:
+        _ext = importlib.import_module(_EXT_NAME)
+    except ImportError as e:  # built but unloadable: say so, then fall back
+        IMPORT_ERROR = f"{type(e).__name__}: {e}"
+        warnings.warn(f"jax_ep: the CUDA extension did not load ({IMPORT_ERROR}); "
+                      "using the pure-JAX backend", RuntimeWarning, stacklevel=2)
+
+HAS_CUDA_EXTENSION: bool = _ext is not None
+
+LAYOUT_TARGET = "jax_ep_dispatch_layout"
+LAYOUT_MAX_EXPERTS = 1024  # xla_ffi/layout_kernels.h kLayoutMaxExperts
+LAYOUT_MAX_RANKS = 64      # xla_ffi/layout_kernels.h kLayoutMaxRanks
+
+if _ext is not None:
+    for _name, _capsule in _ext.registrations().items():
+        jax.ffi.register_ffi_target(_name, _capsule, platform="CUDA")
+
+
+def extension():
+    """The loaded ``jax_ep._jax_ep_cuda`` module, or None."""
+    return _ext
+
+
+def preload(devices=None) -> None:
+    """Loads the extension's kernels on each GPU of ``devices`` (default: local GPUs) now.
+
+    Call outside jit, e.g. when an EP group is created: a kernel's first launch otherwise
+    takes the driver's module-loading lock, which can deadlock against a peer kernel that spins.
+    """
+    if _ext is None:
+        return
+    devices = jax.local_devices() if devices is None else devices
+    for d in devices:
+        if d.platform == "gpu":
+            _ext.preload(d.local_hardware_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutConfig:
+    """Static configuration of ``jax_ep_dispatch_layout`` (C++: ``jax_ep::LayoutConfig``)."""
+
+    num_experts: int
+    num_ranks: int
+
+    def __post_init__(self):
+        e, r = self.num_experts, self.num_ranks
+        if not 1 <= r <= LAYOUT_MAX_RANKS:
+            raise ValueError(f"the CUDA layout kernel supports 1..{LAYOUT_MAX_RANKS} ranks, "
+                             f"got {r}")
+        if not 1 <= e <= LAYOUT_MAX_EXPERTS or e % r:
+            raise ValueError(f"the CUDA layout kernel needs num_experts in 1..{LAYOUT_MAX_EXPERTS} "
+                             f"and a multiple of num_ranks ({r}), got {e}")
+
+    def attribute(self) -> dict:
+        """The FFI dictionary attribute (Python ints lower to i64)."""
+        return {"num_experts": int(self.num_experts), "num_ranks": int(self.num_ranks)}
+
+
+def _result_type(aval, shape, dtype):
+    """A result type on ``aval``'s mesh with its varying manual axes (a plain ShapeDtypeStruct
+    loses them inside shard_map), replicated over the other axes: the call is per shard."""
+    sharding = aval.sharding
+    if getattr(sharding, "spec", None) is not None:
+        sharding = sharding.update(spec=P())
+    return aval.update(shape=tuple(shape), dtype=jnp.dtype(dtype), sharding=sharding)
+
+
+def dispatch_layout_supported(num_experts: int, num_ranks: int) -> bool:
+    """Whether ``dispatch_layout_cuda`` accepts this configuration (E <= 1024, R <= 64, R | E)."""
+    try:
+        LayoutConfig(num_experts, num_ranks)
+    except ValueError:
+        return False
+    return True
+
+
+def dispatch_layout_cuda(topk_idx, num_experts: int, num_ranks: int):
+    """The ``jax_ep_dispatch_layout`` custom call (CUDA only; the caller picks the platform).
+
+    Per shard; usable inside ``jax.shard_map`` (results keep ``topk_idx``'s varying axes).
+
+    Args:
+      topk_idx: [T, K] int32 expert ids; -1 = not routed; ids outside [-1, E) are invalid:
+        ignored like -1 and counted. T and K may be 0.
+      num_experts: E, 1..1024, a multiple of num_ranks; expert e lives on rank e // (E // R).
+      num_ranks: R, 1..64.
+
+    Returns:
+      (num_tokens_per_rank [R] int32, num_tokens_per_expert [E] int32,
+       is_token_in_rank [T, R] bool, num_invalid [] int32).
+
+    Raises:
+      TypeError / ValueError: wrong dtype or rank of topk_idx, or an unsupported (E, R).
+    """
+    config = LayoutConfig(int(num_experts), int(num_ranks))
+    aval = jax.typeof(topk_idx)
+    if aval.dtype != jnp.int32:
+        raise TypeError(f"topk_idx must be int32, got {aval.dtype}")
+    if aval.ndim != 2:
+        raise ValueError(f"topk_idx must be [T, K], got shape {aval.shape}")
+    e, r, t = config.num_experts, config.num_ranks, aval.shape[0]
+    out_types = (_result_type(aval, (r,), jnp.int32), _result_type(aval, (e,), jnp.int32),
+                 _result_type(aval, (t, r), jnp.bool_), _result_type(aval, (), jnp.int32))
+    call = jax.ffi.ffi_call(LAYOUT_TARGET, out_types, has_side_effect=False,
+                            vmap_method="sequential")
+    return tuple(call(topk_idx, config=config.attribute()))

@@ -1,0 +1,157 @@
+"""jax_ep.Buffer: the expert-parallel group and (for GPU backends) its device workspace."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from . import _ffi
+
+BACKENDS = ("auto", "xla", "cuda")
+
+
+def _cuda_kernels_available() -> bool:
+    """True when the extension carries the dispatch/combine kernels (not only the layout one)."""
+    return _ffi.HAS_CUDA_EXTENSION and hasattr(_ffi.extension(), "create_workspace")
+
+
+# Flags and counts at the head of every workspace (ep_kernels.h: kStagingOffset).
+SIGNAL_BYTES = 98816
+
+
+def _align16(n: int) -> int:
+    return (n + 15) // 16 * 16
+
+
+def slot_bytes_for(hidden: int, num_topk: int) -> int:
+    """Largest staging slot any op needs for rows of `hidden` channels (float32 worst case):
+    the row, its FP8 scales, and the routing metadata (id, weight, rank per top-k entry)."""
+    return _align16(hidden * 4) + _align16(-(-hidden // 128) * 4) + _align16(num_topk * 12)
+
+
+class Buffer:
+    """The EP group: mesh axis, backend and static options; create it outside jit.
+
+    Args:
+      mesh: a jax.sharding.Mesh holding the EP axis.
+      axis_name: the EP axis (R = mesh.shape[axis_name] ranks).
+      backend: "auto" (best available), "xla" (pure-JAX reference, any platform) or "cuda".
+      checked: make invalid expert ids and dropped rows checkify errors (wrap the caller in
+        jax.experimental.checkify.checkify).
+      num_sms: blocks (one per SM) every CUDA kernel runs on (None = all SMs, at most 256).
+      max_tokens_per_rank, hidden, num_topk: backend "cuda": the largest call the workspace must
+        hold (T, H, K); "auto" uses "cuda" only when they are given.
+      timeout_s: backend "cuda": bound of every wait on a peer (default: env JAX_EP_TIMEOUT_S or
+        60); on expiry the call fails naming the rank and phase instead of hanging.
+
+    Use as a context manager, or call close(). A Buffer is static state: close over it in jit.
+    """
+
+    def __init__(self, mesh: Mesh, axis_name: str = "ep", *, backend: str = "auto",
+                 checked: bool = False, num_sms: Optional[int] = None,
+                 max_tokens_per_rank: Optional[int] = None, hidden: Optional[int] = None,
+                 num_topk: Optional[int] = None, timeout_s: Optional[float] = None):
+        if not isinstance(mesh, Mesh):
+            raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+        if axis_name not in mesh.shape:
+            raise ValueError(f"axis {axis_name!r} is not in the mesh axes {tuple(mesh.shape)}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        platforms = {d.platform for d in np.asarray(mesh.devices).ravel()}
+        on_gpu = platforms == {"gpu"}
+        sized = None not in (max_tokens_per_rank, hidden, num_topk)
+        if backend == "auto":
+            backend = "cuda" if on_gpu and sized and _cuda_kernels_available() else "xla"
+        elif backend == "cuda":
+            if not on_gpu:
+                raise ValueError(f"backend 'cuda' needs a mesh of GPUs, got {sorted(platforms)}")
+            if not _cuda_kernels_available():
+                raise NotImplementedError(
+                    "backend 'cuda': jax_ep was built without its CUDA extension (no nvcc at "
+                    "install time); use backend='xla' or 'auto'")
+            if not sized:
+                raise ValueError("backend 'cuda' sizes its workspace at creation: pass "
+                                 "max_tokens_per_rank, hidden and num_topk")
+        if num_sms is not None and num_sms < 1:
+            raise ValueError(f"num_sms must be >= 1, got {num_sms}")
+        self.mesh = mesh
+        self.axis_name = axis_name
+        self.num_ranks = int(mesh.shape[axis_name])
+        self.backend = backend
+        self.checked = bool(checked)
+        self.num_sms = num_sms
+        self.max_tokens_per_rank = max_tokens_per_rank
+        self.workspace_id = 0
+        self._closed = False
+        if backend == "cuda":
+            self._create_workspace(mesh, axis_name, max_tokens_per_rank, hidden, num_topk,
+                                   num_sms, timeout_s)
+
+    def _create_workspace(self, mesh, axis_name, max_tokens, hidden, num_topk, num_sms,
+                          timeout_s):
+        devices = np.asarray(mesh.devices)
+        axis = list(mesh.axis_names).index(axis_name)
+        groups = np.moveaxis(devices, axis, -1).reshape(-1, self.num_ranks)
+        if any(d.process_index != jax.process_index() for d in groups.ravel()):
+            raise NotImplementedError("backend 'cuda' drives the GPUs of one process only")
+        if num_sms is None:
+            num_sms = min(getattr(groups[0, 0], "core_count", 132) or 132, 256)
+        if timeout_s is None:
+            timeout_s = float(os.environ.get("JAX_EP_TIMEOUT_S", "60"))
+        self.slot_bytes = slot_bytes_for(hidden, num_topk)
+        self.hidden, self.num_topk = hidden, num_topk
+        self.workspace_id = _ffi.extension().create_workspace(
+            [[int(d.local_hardware_id) for d in g] for g in groups], int(max_tokens),
+            int(self.slot_bytes), int(num_sms), int(timeout_s * 1e9))
+        self.num_sms = num_sms
+
+    def check(self) -> None:
+        """Raises RuntimeError if a kernel of this Buffer timed out waiting for a peer."""
+        if self.workspace_id:
+            message = _ffi.extension().workspace_error(self.workspace_id)
+            if message:
+                raise RuntimeError(message)
+
+    @staticmethod
+    def workspace_bytes(*, num_experts: int, num_topk: int, hidden: int,
+                        max_tokens_per_rank: int, num_ranks: int, dtype=None) -> int:
+        """Device workspace backend "cuda" allocates per GPU for one MoE shape.
+
+        Every rank may receive each peer's max_tokens_per_rank tokens once: a staging slot per
+        (source rank, token) holding a row (sized for float32, so combines of any row dtype and
+        FP8 dispatches fit; `dtype` is accepted for symmetry), plus the signal area.
+        """
+        if num_experts % num_ranks:
+            raise ValueError(f"num_experts ({num_experts}) must be a multiple of num_ranks "
+                             f"({num_ranks})")
+        del dtype
+        return SIGNAL_BYTES + num_ranks * max_tokens_per_rank * slot_bytes_for(hidden, num_topk)
+
+    def close(self) -> None:
+        """Frees the device workspace (nothing to free for the xla backend). Idempotent."""
+        if self.workspace_id and not self._closed:
+            _ffi.extension().release_workspace(self.workspace_id)
+        self._closed = True
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 (interpreter shutdown)
+            pass
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> "Buffer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Buffer(axis={self.axis_name!r}, ranks={self.num_ranks}, "
+                f"backend={self.backend!r}, checked={self.checked})")

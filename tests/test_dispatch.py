@@ -1,0 +1,479 @@
+"""dispatch / combine / get_dispatch_layout against the independent numpy model (numpy_model.py).
+
+Data movement (recv_x, scales, ids, weights, counts) and combine are compared bit-exactly: the
+contract fixes the float32 accumulation order, so combine is deterministic and reproducible.
+Inputs are fresh random every run (the ``rng`` fixture prints its seed).
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import jax_ep
+import numpy_model as nm
+from conftest import make_mesh
+
+BACKEND = os.environ.get("JAX_EP_TEST_BACKEND", "auto")
+
+
+def make_buffer(mesh, *, tokens, hidden, topk, **kw):
+    """jax_ep.Buffer for these tests' backend (env JAX_EP_TEST_BACKEND, default "auto").
+
+    GPU backends size their workspace at creation: the largest call's T, H, K are passed when the
+    Buffer accepts them (on GPU hosts "auto" then picks the CUDA kernels when they are built).
+    """
+    params = inspect.signature(jax_ep.Buffer).parameters
+    if "max_tokens_per_rank" in params:
+        kw.update(max_tokens_per_rank=tokens, hidden=hidden, num_topk=topk)
+    return jax_ep.Buffer(mesh, "ep", backend=BACKEND, **kw)
+
+DTYPES = {
+    "f32": np.dtype(np.float32),
+    "bf16": np.dtype(ml_dtypes.bfloat16),
+    "f16": np.dtype(np.float16),
+    "fp8": np.dtype(ml_dtypes.float8_e4m3fn),
+}
+
+INVALID_IDS = np.array([-2, -3, -1000, -(2**31), 2**31 - 1], np.int64)
+
+
+# ------------------------------------------------------------------------------------------------
+# Random inputs
+# ------------------------------------------------------------------------------------------------
+def random_values(rng, shape, dtype, mantissa_bits=None):
+    """Random values that are never zero (|v| in [0.25, 2]); optionally with at most
+    ``mantissa_bits`` significant bits."""
+    mag = rng.uniform(0.25, 2.0, size=shape)
+    if mantissa_bits is not None:
+        m, e = np.frexp(mag)
+        mag = np.ldexp(np.round(m * 2.0**mantissa_bits) / 2.0**mantissa_bits, e)
+    sign = rng.choice(np.array([-1.0, 1.0]), size=shape)
+    return (mag * sign).astype(np.float32).astype(dtype)
+
+
+def make_routing(rng, R, T, K, E, mode):
+    """Global ``[R*T, K]`` int32 topk_idx. ``mode`` is '+'-joined flags:
+
+    random: distinct experts per row, ~15% of slots -1;  dup: experts drawn with replacement plus
+    forced duplicates; skew: every token to one expert (slot 0, other slots that expert or -1);
+    none: all -1;  empty: ~30% of rows all -1;  invalid: ~25% of slots out of [-1, E).
+    """
+    flags = set(mode.split("+"))
+    n = R * T
+    if "none" in flags:
+        return np.full((n, K), -1, np.int32)
+    if "skew" in flags:
+        e0 = int(rng.integers(0, E))
+        idx = np.where(rng.random((n, K)) < 0.5, e0, -1)
+        idx[:, 0] = e0
+    elif "dup" in flags:
+        idx = rng.integers(0, E, size=(n, K))
+        if K > 1:
+            rows = rng.random(n) < 0.5
+            idx[rows, K - 1] = idx[rows, 0]
+    else:  # random
+        assert K <= E
+        idx = np.stack([rng.permutation(E)[:K] for _ in range(n)])
+        idx[rng.random((n, K)) < 0.15] = -1
+    idx = idx.astype(np.int64)
+    if "empty" in flags:
+        idx[rng.random(n) < 0.3] = -1
+    if "invalid" in flags:
+        mask = rng.random((n, K)) < 0.25
+        bad = rng.choice(np.concatenate([INVALID_IDS, [E, E + 1, E + 7]]), size=(n, K))
+        idx = np.where(mask, bad, idx)
+    return idx.astype(np.int32)
+
+
+def make_inputs(rng, R, T, H, K, E, dtype, mode, exact_products=True):
+    """exact_products: weights k/128 (<= 7 significant bits), so that with the <= 16-bit
+    mantissas of ``random_y`` every product ``w * y`` is exact in float32 (see ``run_case``)."""
+    fp8 = dtype == "fp8"
+    x = random_values(rng, (R * T, H), DTYPES[dtype])
+    scales = rng.uniform(0.01, 10.0, size=(R * T, H // 128)).astype(np.float32) if fp8 else None
+    idx = make_routing(rng, R, T, K, E, mode)
+    if exact_products:
+        w = (rng.integers(6, 129, size=(R * T, K)) / 128).astype(np.float32)
+    else:
+        w = rng.uniform(0.05, 1.0, size=(R * T, K)).astype(np.float32)
+    return x, scales, idx, w
+
+
+def split(a, R):
+    return None if a is None else list(np.asarray(a).reshape(R, -1, *np.asarray(a).shape[1:]))
+
+
+def bits(a):
+    a = np.ascontiguousarray(np.asarray(a))
+    return a.view(np.uint8)
+
+
+def assert_bits_equal(actual, expected, what):
+    actual = np.asarray(actual)
+    expected = np.asarray(expected)
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    if not np.array_equal(bits(actual), bits(expected)):
+        nbytes = actual.dtype.itemsize
+        a = bits(actual).reshape(actual.shape + (nbytes,))
+        e = bits(expected).reshape(expected.shape + (nbytes,))
+        diff = np.argwhere((a != e).any(-1))
+        show = (lambda v: v) if actual.dtype.kind in "iub" else (lambda v: v.astype(np.float32))
+        raise AssertionError(
+            f"{what} differs bitwise at {len(diff)} element(s); first: {diff[:10].tolist()}\n"
+            f"actual:\n{show(actual)}\nexpected:\n{show(expected)}")
+
+
+def assert_float_equal(actual, expected, what):
+    """Exact equality of float values (as float32; +0 == -0)."""
+    actual = np.asarray(actual)
+    expected = np.asarray(expected)
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    np.testing.assert_array_equal(actual.astype(np.float32), expected.astype(np.float32),
+                                  err_msg=what)
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-shard harness
+# ------------------------------------------------------------------------------------------------
+def shard_jit(mesh, f):
+    return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
+
+
+def build_dispatch_combine(mesh, buf, *, num_experts, layout, recv_capacity, expert_alignment,
+                           fp8, identity):
+    """jit(shard_map(...)) running dispatch, combine(y) and (optionally) combine(recv_x)."""
+    seen = {}
+
+    def f(args):
+        x = (args["x"], args["scales"]) if fp8 else args["x"]
+        res = jax_ep.dispatch(buf, x, args["idx"], args["w"], num_experts=num_experts,
+                              layout=layout, recv_capacity=recv_capacity,
+                              expert_alignment=expert_alignment)
+        seen["scales_is_none"] = res.recv_x_scales is None
+        seen["group_sizes_is_none"] = res.group_sizes is None
+        out = {
+            "recv_x": res.recv_x,
+            "recv_topk_idx": res.recv_topk_idx,
+            "recv_topk_weights": res.recv_topk_weights,
+            "num_tokens_per_expert": res.num_tokens_per_expert,
+            "num_recv_rows": jnp.reshape(res.num_recv_rows, (1,)),
+            "num_dropped": jnp.reshape(res.num_dropped, (1,)),
+            "num_invalid": jnp.reshape(res.num_invalid, (1,)),
+            "combine": jax_ep.combine(buf, args["y"], res.handle),
+        }
+        for name in ("num_recv_rows", "num_dropped", "num_invalid"):
+            seen[name + "_shape"] = jnp.shape(getattr(res, name))
+        if res.recv_x_scales is not None:
+            out["recv_x_scales"] = res.recv_x_scales
+        if res.group_sizes is not None:
+            out["group_sizes"] = res.group_sizes
+        if identity:
+            out["identity"] = jax_ep.combine(buf, res.recv_x, res.handle)
+        return out
+
+    return shard_jit(mesh, f), seen
+
+
+class Case(NamedTuple):
+    R: int
+    T: int
+    H: int
+    K: int
+    E: int
+    layout: str
+    A: int
+    C: int | None
+    dtype: str
+    mode: str
+
+    def __str__(self):
+        c = "default" if self.C is None else self.C
+        return (f"R{self.R}-T{self.T}-H{self.H}-K{self.K}-E{self.E}-{self.layout}-A{self.A}-C{c}-"
+                f"{self.dtype}-{self.mode}")
+
+
+CASES = [
+    # ---- token layout ----
+    Case(2, 7, 8, 2, 4, "token", 1, None, "f32", "random"),
+    Case(4, 33, 8, 4, 8, "token", 1, None, "bf16", "random"),
+    Case(8, 100, 8, 8, 16, "token", 1, None, "bf16", "random+empty"),
+    Case(8, 1, 8, 1, 8, "token", 1, None, "f32", "random"),
+    Case(4, 1, 128, 3, 4, "token", 1, None, "fp8", "random"),
+    Case(2, 33, 256, 2, 8, "token", 1, None, "fp8", "random+invalid"),
+    Case(4, 7, 8, 5, 4, "token", 1, None, "f32", "dup"),
+    Case(4, 33, 8, 3, 8, "token", 1, None, "f32", "skew"),
+    Case(2, 7, 8, 2, 4, "token", 1, None, "bf16", "none"),
+    Case(4, 33, 8, 4, 16, "token", 1, 10, "bf16", "random"),
+    Case(8, 7, 8, 2, 8, "token", 1, 1, "f32", "random"),
+    Case(2, 100, 8, 6, 32, "token", 1, None, "f16", "invalid+dup"),
+    Case(4, 33, 128, 2, 8, "token", 1, 20, "fp8", "skew"),
+    Case(8, 33, 8, 8, 64, "token", 1, None, "f32", "random+invalid+empty"),
+    Case(2, 1, 8, 1, 2, "token", 1, None, "bf16", "invalid"),
+    # ---- expert layout ----
+    Case(2, 7, 8, 2, 4, "expert", 1, None, "f32", "random"),
+    Case(4, 33, 8, 4, 8, "expert", 4, None, "bf16", "random"),
+    Case(8, 100, 8, 8, 16, "expert", 8, None, "bf16", "random+empty"),
+    Case(8, 1, 8, 1, 8, "expert", 4, None, "f32", "random"),
+    Case(4, 1, 128, 3, 4, "expert", 8, None, "fp8", "random"),
+    Case(2, 33, 256, 2, 8, "expert", 1, None, "fp8", "invalid"),
+    Case(4, 7, 8, 5, 4, "expert", 4, None, "f32", "dup"),
+    Case(4, 33, 8, 3, 8, "expert", 8, None, "f32", "skew"),
+    Case(2, 7, 8, 2, 4, "expert", 4, None, "bf16", "none"),
+    Case(4, 33, 8, 4, 16, "expert", 4, 30, "bf16", "random"),  # C % A != 0, drops
+    Case(8, 7, 8, 2, 8, "expert", 8, 5, "f32", "random"),  # C < A
+    Case(2, 100, 8, 6, 32, "expert", 1, 50, "f16", "invalid+dup"),
+    Case(4, 33, 128, 2, 8, "expert", 4, 16, "fp8", "skew"),
+    Case(8, 33, 8, 8, 64, "expert", 4, None, "f32", "random+invalid+empty"),
+    Case(2, 7, 8, 1, 2, "expert", 8, 7, "f32", "random"),  # E_local = 1, C < A
+    Case(4, 33, 8, 2, 8, "expert", 1, 1, "bf16", "skew"),  # C = 1
+    Case(8, 33, 8, 4, 32, "expert", 8, 100, "bf16", "random+dup"),  # truncation mid-group
+    Case(2, 1, 8, 3, 4, "expert", 4, None, "f32", "dup+invalid"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_dispatch_combine_matches_model(case, rng):
+    run_case(case, rng)
+
+
+def random_case(rng):
+    """A configuration drawn at random (different every run: see the printed seed)."""
+    R = int(rng.choice([2, 4, 8]))
+    T = int(rng.choice([1, 2, 3, 5, 7, 16, 33, 40]))
+    dtype = str(rng.choice(["f32", "bf16", "f16", "fp8"]))
+    H = int(rng.choice([128, 256])) if dtype == "fp8" else int(rng.choice([8, 16]))
+    K = int(rng.integers(1, 9))
+    E = R * int(rng.choice([1, 2, 4, 8]))
+    layout = str(rng.choice(["token", "expert"]))
+    A = int(rng.choice([1, 4, 8])) if layout == "expert" else 1
+    flags = [str(rng.choice(["random", "dup", "skew", "none"], p=[0.55, 0.25, 0.15, 0.05]))]
+    if flags[0] == "random" and K > E:
+        flags[0] = "dup"
+    flags += [f for f in ("empty", "invalid") if rng.random() < 0.3]
+    default = nm.default_capacity(layout, R, T, K, E, A)
+    C = None if rng.random() < 0.4 else int(rng.integers(1, default + 1))
+    return Case(R, T, H, K, E, layout, A, C, dtype, "+".join(flags))
+
+
+@pytest.mark.parametrize("draw", range(8))
+def test_random_configuration_matches_model(draw, rng):
+    case = random_case(rng)
+    print("case:", case)
+    run_case(case, rng)
+
+
+def run_case(case, rng, exact_products=True):
+    """Runs one configuration and checks every output against the numpy model.
+
+    The contract fixes the order of the float32 accumulation but not whether a compiler contracts
+    ``partial + w * y`` into a fused multiply-add (XLA's CPU and GPU backends do, choosing which
+    product to fuse). With ``exact_products`` every product is exact in float32, so the result is
+    unique and the expert-layout combine is compared bit-exactly too; otherwise it is compared
+    within the rounding bound of the products.
+    """
+    R, T, H, K, E, layout, A, C, dtype, mode = case
+    mesh = make_mesh(R)
+    fp8 = dtype == "fp8"
+    x, scales, idx, w = make_inputs(rng, R, T, H, K, E, dtype, mode, exact_products)
+    xs, ss, idxs, ws = split(x, R), split(scales, R), split(idx, R), split(w, R)
+
+    model = nm.dispatch(xs, idxs, ws, num_experts=E, layout=layout, recv_capacity=C,
+                        expert_alignment=A, scales=ss)
+    cap = model[0].capacity
+    if C is None:
+        assert cap == nm.default_capacity(layout, R, T, K, E, A)
+    y_dtype = DTYPES["bf16"] if fp8 else DTYPES[dtype]
+    y = random_values(rng, (R * cap, H), y_dtype, mantissa_bits=16 if exact_products else None)
+    ys = split(y, R)
+    model_out = nm.combine(ys, model, layout=layout, tokens=T)
+
+    identity = not fp8 and C is None
+    with make_buffer(mesh, tokens=T, hidden=H, topk=K) as buf:
+        fn, seen = build_dispatch_combine(mesh, buf, num_experts=E, layout=layout,
+                                          recv_capacity=C, expert_alignment=A, fp8=fp8,
+                                          identity=identity)
+        args = {"x": x, "idx": idx, "w": w, "y": y}
+        if fp8:
+            args["scales"] = scales
+        out = jax.device_get(fn(args))
+        out2 = jax.device_get(fn(args))
+
+    # --- structure ---
+    assert seen["scales_is_none"] == (not fp8)
+    assert seen["group_sizes_is_none"] == (layout == "token")
+    for name in ("num_recv_rows", "num_dropped", "num_invalid"):
+        assert seen[name + "_shape"] == (), f"{name} must be a scalar per rank"
+    E_local = E // R
+    idx_cols = (K,) if layout == "token" else ()
+    assert out["recv_x"].shape == (R * cap, H)
+    assert out["recv_topk_idx"].shape == (R * cap, *idx_cols)
+    assert out["recv_topk_weights"].shape == (R * cap, *idx_cols)
+    assert out["num_tokens_per_expert"].shape == (R * E_local,)
+    for name in ("recv_topk_idx", "num_tokens_per_expert", "num_recv_rows", "num_dropped",
+                 "num_invalid"):
+        assert out[name].dtype == np.int32, name
+    assert out["recv_topk_weights"].dtype == np.float32
+
+    # --- data movement, bit-exact, per rank ---
+    for r in range(R):
+        m = model[r]
+        sl = slice(r * cap, (r + 1) * cap)
+        tag = f"rank {r} ({case})"
+        assert_bits_equal(out["recv_x"][sl], m.recv_x, f"recv_x {tag}")
+        if fp8:
+            assert_bits_equal(out["recv_x_scales"][sl], m.recv_x_scales, f"recv_x_scales {tag}")
+        assert_bits_equal(out["recv_topk_idx"][sl], m.recv_topk_idx, f"recv_topk_idx {tag}")
+        assert_bits_equal(out["recv_topk_weights"][sl], m.recv_topk_weights,
+                          f"recv_topk_weights {tag}")
+        if layout == "expert":
+            assert out["group_sizes"].dtype == np.int32
+            assert_bits_equal(out["group_sizes"][r * E_local:(r + 1) * E_local], m.group_sizes,
+                              f"group_sizes {tag}")
+        assert_bits_equal(out["num_tokens_per_expert"][r * E_local:(r + 1) * E_local],
+                          m.num_tokens_per_expert, f"num_tokens_per_expert {tag}")
+        assert int(out["num_recv_rows"][r]) == m.num_recv_rows, f"num_recv_rows {tag}"
+        assert int(out["num_dropped"][r]) == m.num_dropped, f"num_dropped {tag}"
+        assert int(out["num_invalid"][r]) == m.num_invalid, f"num_invalid {tag}"
+
+    # --- combine: exact vs the model, and bitwise identical across runs ---
+    assert out["combine"].dtype == y_dtype
+    if exact_products or layout == "token":
+        assert_float_equal(out["combine"], np.concatenate(model_out), f"combine ({case})")
+    else:
+        # Products rounded or fused: each of the <= R + K additions may differ by one float32
+        # rounding of the magnitudes involved, which can flip the rounding of a partial and of
+        # the output to y.dtype.
+        ys_abs = [np.abs(v.astype(np.float32)) for v in ys]
+        mags = np.concatenate(nm.combine(ys_abs, model, layout=layout, tokens=T))
+        expected = np.concatenate(model_out).astype(np.float32)
+        out_eps = float(ml_dtypes.finfo(y_dtype).eps) if y_dtype != np.float32 else 0.0
+        bound = (R + K) * 2.0**-23 * mags + out_eps * (mags + np.abs(expected))
+        err = np.abs(out["combine"].astype(np.float32) - expected)
+        assert np.all(err <= bound), (
+            f"combine ({case}) off by up to {np.max(err - bound)} beyond the rounding bound")
+    assert_bits_equal(out2["combine"], out["combine"], "combine run-to-run")
+    for key in out:
+        assert_bits_equal(out2[key], out[key], f"{key} run-to-run")
+
+    # --- round-trip oracle (default capacity never drops) ---
+    if identity:
+        valid = (idx >= 0) & (idx < E)
+        xf = x.astype(np.float32)
+        if layout == "expert":
+            expected = xf * np.where(valid, w, 0).sum(axis=1, keepdims=True)
+        else:
+            ranks = np.zeros((R * T, R), bool)
+            for i, j in zip(*np.nonzero(valid)):
+                ranks[i, idx[i, j] // E_local] = True
+            expected = xf * ranks.sum(axis=1, keepdims=True)
+        rtol = 1e-5 if dtype == "f32" else 1e-2
+        np.testing.assert_allclose(out["identity"].astype(np.float32), expected, rtol=rtol,
+                                   atol=0, err_msg=f"identity round trip ({case})")
+        assert out["identity"].dtype == DTYPES[dtype]
+
+
+@pytest.mark.parametrize("case", [
+    Case(4, 33, 8, 4, 8, "expert", 4, None, "f32", "random+dup"),
+    Case(8, 7, 16, 8, 16, "expert", 1, None, "bf16", "dup"),
+    Case(2, 33, 8, 6, 4, "expert", 8, 40, "f16", "dup"),
+], ids=str)
+def test_full_precision_weights(case, rng):
+    """Unconstrained float32 weights and y: data movement exact, combine within rounding."""
+    run_case(case, rng, exact_products=False)
+
+
+def test_default_capacity_equals_explicit(rng):
+    """recv_capacity=None behaves exactly like the documented default (both layouts)."""
+    R, T, H, K, E, A = 4, 7, 8, 3, 8, 4
+    mesh = make_mesh(R)
+    x, _, idx, w = make_inputs(rng, R, T, H, K, E, "f32", "random")
+    with make_buffer(mesh, tokens=T, hidden=H, topk=K) as buf:
+        for layout in ("token", "expert"):
+            a = 1 if layout == "token" else A
+            cap = nm.default_capacity(layout, R, T, K, E, a)
+
+            def f(x, idx, w, layout=layout, a=a, cap=cap):
+                r1 = jax_ep.dispatch(buf, x, idx, w, num_experts=E, layout=layout,
+                                     expert_alignment=a)
+                r2 = jax_ep.dispatch(buf, x, idx, w, num_experts=E, layout=layout,
+                                     recv_capacity=cap, expert_alignment=a)
+                return r1.recv_x, r2.recv_x, r1.recv_topk_idx, r2.recv_topk_idx
+
+            o = jax.device_get(shard_jit(mesh, f)(x, idx, w))
+            assert o[0].shape == (R * cap, H)
+            assert_bits_equal(o[0], o[1], f"recv_x {layout}")
+            assert_bits_equal(o[2], o[3], f"recv_topk_idx {layout}")
+
+
+# ------------------------------------------------------------------------------------------------
+# get_dispatch_layout
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("R,T,K,E,mode", [
+    (2, 7, 2, 4, "random"),
+    (4, 33, 5, 8, "dup+invalid"),
+    (8, 1, 3, 16, "random+invalid"),
+    (8, 100, 8, 64, "random+empty+invalid"),
+    (4, 33, 3, 8, "skew"),
+    (2, 7, 4, 4, "none"),
+])
+def test_get_dispatch_layout(R, T, K, E, mode, rng):
+    mesh = make_mesh(R)
+    idx = make_routing(rng, R, T, K, E, mode)
+
+    def f(idx):
+        lay = jax_ep.get_dispatch_layout(idx, E, R)
+        return {
+            "num_tokens_per_rank": lay.num_tokens_per_rank,
+            "num_tokens_per_expert": lay.num_tokens_per_expert,
+            "is_token_in_rank": lay.is_token_in_rank,
+            "num_invalid": jnp.reshape(lay.num_invalid, (1,)),
+        }
+
+    out = jax.device_get(shard_jit(mesh, f)(idx))
+    assert out["num_tokens_per_rank"].dtype == np.int32
+    assert out["num_tokens_per_expert"].dtype == np.int32
+    assert out["is_token_in_rank"].dtype == np.bool_
+    assert out["num_invalid"].dtype == np.int32
+    for r, idx_r in enumerate(split(idx, R)):
+        m = nm.dispatch_layout(idx_r, E, R)
+        assert_bits_equal(out["num_tokens_per_rank"][r * R:(r + 1) * R], m.num_tokens_per_rank,
+                          f"num_tokens_per_rank rank {r}")
+        assert_bits_equal(out["num_tokens_per_expert"][r * E:(r + 1) * E],
+                          m.num_tokens_per_expert, f"num_tokens_per_expert rank {r}")
+        assert_bits_equal(out["is_token_in_rank"][r * T:(r + 1) * T], m.is_token_in_rank,
+                          f"is_token_in_rank rank {r}")
+        assert int(out["num_invalid"][r]) == m.num_invalid
+
+
+def test_layout_consistent_with_dispatch(rng):
+    """The layout's counts agree with what dispatch receives (sum over source ranks)."""
+    R, T, H, K, E = 4, 33, 8, 4, 16
+    mesh = make_mesh(R)
+    x, _, idx, w = make_inputs(rng, R, T, H, K, E, "f32", "random+invalid+empty")
+
+    def f(x, idx, w):
+        lay = jax_ep.get_dispatch_layout(idx, E, R)
+        tok = jax_ep.dispatch(buf, x, idx, w, num_experts=E, layout="token")
+        exp = jax_ep.dispatch(buf, x, idx, w, num_experts=E, layout="expert")
+        return (lay.num_tokens_per_rank, lay.num_tokens_per_expert,
+                jnp.reshape(tok.num_recv_rows, (1,)), tok.num_tokens_per_expert,
+                exp.num_tokens_per_expert, jnp.reshape(exp.num_recv_rows, (1,)))
+
+    with make_buffer(mesh, tokens=T, hidden=H, topk=K) as buf:
+        per_rank, per_expert, tok_rows, tok_tpe, exp_tpe, exp_rows = jax.device_get(
+            shard_jit(mesh, f)(x, idx, w))
+    per_rank = per_rank.reshape(R, R).sum(0)  # tokens sent to each destination rank
+    per_expert = per_expert.reshape(R, E).sum(0)
+    np.testing.assert_array_equal(tok_rows, per_rank)
+    np.testing.assert_array_equal(tok_tpe, per_expert)
+    np.testing.assert_array_equal(exp_tpe, per_expert)
+    np.testing.assert_array_equal(exp_rows, per_expert.reshape(R, E // R).sum(1))

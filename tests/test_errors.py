@@ -1,0 +1,310 @@
+"""Trace-time errors of the contract, and the checked (checkify) mode."""
+from __future__ import annotations
+
+import inspect
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from jax.experimental import checkify
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+import jax_ep
+from conftest import ep_devices, make_mesh
+
+BACKEND = os.environ.get("JAX_EP_TEST_BACKEND", "auto")
+
+
+def make_buffer(mesh, *, tokens, hidden, topk, **kw):
+    """jax_ep.Buffer for these tests' backend (env JAX_EP_TEST_BACKEND, default "auto").
+
+    GPU backends size their workspace at creation: the largest call's T, H, K are passed when the
+    Buffer accepts them (on GPU hosts "auto" then picks the CUDA kernels when they are built).
+    """
+    params = inspect.signature(jax_ep.Buffer).parameters
+    if "max_tokens_per_rank" in params:
+        kw.update(max_tokens_per_rank=tokens, hidden=hidden, num_topk=topk)
+    return jax_ep.Buffer(mesh, "ep", backend=BACKEND, **kw)
+
+R, T, H, K, E = 2, 4, 8, 2, 4
+ERRORS = (ValueError, TypeError)
+
+
+def shard_jit(mesh, f):
+    return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
+
+
+def arrays(rng, *, t=T, h=H, k=K, e=E, r=R, x_dtype=np.float32):
+    x = rng.uniform(0.5, 1.5, size=(r * t, h)).astype(np.float32).astype(x_dtype)
+    idx = rng.integers(0, e, size=(r * t, k)).astype(np.int32)
+    w = rng.uniform(0.1, 1.0, size=(r * t, k)).astype(np.float32)
+    return x, idx, w
+
+
+def dispatch_call(mesh, buf, args, **kw):
+    """Runs jit(shard_map(dispatch)) on ``args`` = (x or (x, scales), idx, w)."""
+
+    def f(x, idx, w):
+        res = jax_ep.dispatch(buf, x, idx, w, **kw)
+        return res.recv_x
+
+    return shard_jit(mesh, f)(*args)
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return make_mesh(R)
+
+
+@pytest.fixture(scope="module")
+def buf(mesh):
+    with make_buffer(mesh, tokens=T + 2, hidden=256, topk=K) as b:
+        yield b
+
+
+# ------------------------------------------------------------------------------------------------
+# Static-argument errors
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("num_experts", [3, 5])
+def test_num_experts_not_multiple_of_ranks(mesh, buf, rng, num_experts):
+    with pytest.raises(ERRORS, match=r"(?i)expert"):
+        dispatch_call(mesh, buf, arrays(rng), num_experts=num_experts)
+
+
+def test_get_dispatch_layout_num_experts_not_multiple(mesh, rng):
+    _, idx, _ = arrays(rng)
+    with pytest.raises(ERRORS, match=r"(?i)expert"):
+        shard_jit(mesh, lambda i: jax_ep.get_dispatch_layout(i, 5, R).num_tokens_per_rank)(idx)
+
+
+@pytest.mark.parametrize("capacity", [0, -3])
+@pytest.mark.parametrize("layout", ["token", "expert"])
+def test_capacity_below_one(mesh, buf, rng, capacity, layout):
+    with pytest.raises(ERRORS, match=r"(?i)capacity"):
+        dispatch_call(mesh, buf, arrays(rng), num_experts=E, layout=layout,
+                      recv_capacity=capacity)
+
+
+@pytest.mark.parametrize("alignment", [0, -4])
+def test_alignment_below_one(mesh, buf, rng, alignment):
+    with pytest.raises(ERRORS, match=r"(?i)align"):
+        dispatch_call(mesh, buf, arrays(rng), num_experts=E, layout="expert",
+                      expert_alignment=alignment)
+
+
+@pytest.mark.parametrize("layout", ["tokens", "Expert", "dense", ""])
+def test_unknown_layout(mesh, buf, rng, layout):
+    with pytest.raises(ERRORS, match=r"(?i)layout"):
+        dispatch_call(mesh, buf, arrays(rng), num_experts=E, layout=layout)
+
+
+# ------------------------------------------------------------------------------------------------
+# FP8
+# ------------------------------------------------------------------------------------------------
+def test_fp8_hidden_not_multiple_of_128(mesh, buf, rng):
+    x, idx, w = arrays(rng, h=64, x_dtype=ml_dtypes.float8_e4m3fn)
+    scales = np.ones((R * T, 1), np.float32)
+    with pytest.raises(ERRORS, match=r"128"):
+        dispatch_call(mesh, buf, ((x, scales), idx, w), num_experts=E)
+
+
+@pytest.mark.parametrize("bad", ["cols", "rows", "dtype", "rank"])
+def test_fp8_wrong_scales(mesh, buf, rng, bad):
+    x, idx, w = arrays(rng, h=256, x_dtype=ml_dtypes.float8_e4m3fn)
+    scales = {
+        "cols": np.ones((R * T, 1), np.float32),
+        "rows": np.ones((R * (T + 1), 2), np.float32),
+        "dtype": np.ones((R * T, 2), ml_dtypes.bfloat16),
+        "rank": np.ones((R * T, 2, 1), np.float32),
+    }[bad]
+    with pytest.raises(ERRORS, match=r"(?i)scale"):
+        dispatch_call(mesh, buf, ((x, scales), idx, w), num_experts=E)
+
+
+# ------------------------------------------------------------------------------------------------
+# Shape / dtype mismatches between x, topk_idx, topk_weights
+# ------------------------------------------------------------------------------------------------
+def _bad_inputs(rng, case):
+    x, idx, w = arrays(rng)
+    if case == "x_rows":
+        x = np.concatenate([x, x[: 2 * R]])  # T+2 rows per shard vs T
+    elif case == "x_rank1":
+        x = x[:, 0]
+    elif case == "x_rank3":
+        x = x[:, :, None]
+    elif case == "x_int":
+        x = x.astype(np.int32)
+    elif case == "x_fp8_plain":  # FP8 without its scales
+        x, _, _ = arrays(rng, h=128, x_dtype=ml_dtypes.float8_e4m3fn)
+    elif case == "idx_float":
+        idx = idx.astype(np.float32)
+    elif case == "idx_int16":
+        idx = idx.astype(np.int16)
+    elif case == "idx_rank1":
+        idx = idx[:, 0]
+    elif case == "w_cols":
+        w = w[:, :1]
+    elif case == "w_rows":
+        w = np.concatenate([w, w[: 2 * R]])
+    elif case == "w_bf16":
+        w = w.astype(ml_dtypes.bfloat16)
+    elif case == "w_int":
+        w = idx.copy()
+    else:
+        raise AssertionError(case)
+    return x, idx, w
+
+
+@pytest.mark.parametrize("case", ["x_rows", "x_rank1", "x_rank3", "x_int", "x_fp8_plain",
+                                  "idx_float", "idx_int16", "idx_rank1", "w_cols", "w_rows",
+                                  "w_bf16", "w_int"])
+def test_mismatched_inputs(mesh, buf, rng, case):
+    args = _bad_inputs(rng, case)
+    with pytest.raises(ERRORS) as info:
+        dispatch_call(mesh, buf, args, num_experts=E)
+    msg = str(info.value).lower()
+    assert any(word in msg for word in ("x", "topk", "shape", "dtype", "rows")), msg
+
+
+# ------------------------------------------------------------------------------------------------
+# Axis binding
+# ------------------------------------------------------------------------------------------------
+def test_axis_not_bound_outside_shard_map(buf, rng):
+    x, idx, w = arrays(rng)
+    with pytest.raises(ERRORS, match=r"(?i)shard_map|axis|bound"):
+        jax.jit(lambda x, i, w: jax_ep.dispatch(buf, x, i, w, num_experts=E).recv_x)(x, idx, w)
+
+
+def test_axis_not_bound_other_axis_name(buf, rng):
+    devices = ep_devices()
+    other = Mesh(np.array(devices[:R]), ("dp",))
+    x, idx, w = arrays(rng)
+
+    def f(x, i, w):
+        return jax_ep.dispatch(buf, x, i, w, num_experts=E).recv_x
+
+    g = jax.jit(jax.shard_map(f, mesh=other, in_specs=P("dp"), out_specs=P("dp")))
+    with pytest.raises(ERRORS, match=r"(?i)shard_map|axis|bound"):
+        g(x, idx, w)
+
+
+def test_axis_wrong_size(rng):
+    big = make_mesh(4)
+    small = make_mesh(2)
+    with make_buffer(big, tokens=T, hidden=H, topk=K) as b4:
+        x, idx, w = arrays(rng, r=2)
+        with pytest.raises(ERRORS, match=r"(?i)rank|size|axis"):
+            dispatch_call(small, b4, (x, idx, w), num_experts=E)
+
+
+# ------------------------------------------------------------------------------------------------
+# combine
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["token", "expert"])
+@pytest.mark.parametrize("delta", [-1, 1])
+def test_combine_y_rows_not_capacity(mesh, buf, rng, layout, delta):
+    x, idx, w = arrays(rng)
+    cap = 6
+
+    def f(x, i, w):
+        res = jax_ep.dispatch(buf, x, i, w, num_experts=E, layout=layout, recv_capacity=cap)
+        y = jnp.zeros((cap + delta, H), jnp.float32)
+        return jax_ep.combine(buf, y, res.handle)
+
+    with pytest.raises(ERRORS, match=r"(?i)capacity|rows|\by\b"):
+        shard_jit(mesh, f)(x, idx, w)
+
+
+# ------------------------------------------------------------------------------------------------
+# checked mode (checkify)
+# ------------------------------------------------------------------------------------------------
+def _checked_fn(mesh, buf, **kw):
+    def f(x, idx, w):
+        res = jax_ep.dispatch(buf, x, idx, w, num_experts=E, **kw)
+        return res.recv_x
+
+    return jax.jit(checkify.checkify(jax.shard_map(f, mesh=mesh, in_specs=P("ep"),
+                                                   out_specs=P("ep"))))
+
+
+@pytest.fixture(scope="module")
+def checked_buf(mesh):
+    with make_buffer(mesh, tokens=T, hidden=H, topk=K, checked=True) as b:
+        yield b
+
+
+@pytest.mark.parametrize("layout", ["token", "expert"])
+def test_checked_passes_silently(mesh, checked_buf, rng, layout):
+    x, idx, w = arrays(rng)
+    idx[::3, -1] = -1  # -1 is "not routed", not an error
+    err, out = _checked_fn(mesh, checked_buf, layout=layout)(x, idx, w)
+    assert err.get() is None, err.get()
+    err.throw()  # no-op
+    assert np.asarray(out).shape[1] == H
+
+
+@pytest.mark.parametrize("layout", ["token", "expert"])
+@pytest.mark.parametrize("bad_id", [E, -2, 2**31 - 1])
+def test_checked_reports_invalid_ids(mesh, checked_buf, rng, layout, bad_id):
+    x, idx, w = arrays(rng)
+    idx[3, 0] = bad_id  # one invalid entry on rank 0 only
+    err, _ = _checked_fn(mesh, checked_buf, layout=layout)(x, idx, w)
+    msg = err.get()
+    assert msg is not None
+    assert "invalid" in msg.lower() or "outside" in msg.lower() or "topk_idx" in msg, msg
+    with pytest.raises(checkify.JaxRuntimeError):
+        err.throw()
+
+
+def _all_to_expert0(idx):
+    idx[:] = 0  # every slot to expert 0 (rank 0)
+
+
+def _padding_overflow(idx):
+    idx[:] = -1  # two real rows: one for each local expert of rank 0
+    idx[0, 0] = 0
+    idx[1, 0] = 1
+
+
+@pytest.mark.parametrize("layout,kw,route", [
+    ("token", dict(recv_capacity=1), _all_to_expert0),
+    ("expert", dict(recv_capacity=3), _all_to_expert0),
+    # 2 real rows, but expert 0's group is padded to 8 rows so expert 1's row starts at C:
+    ("expert", dict(recv_capacity=8, expert_alignment=8), _padding_overflow),
+], ids=["token", "expert", "expert-padding"])
+def test_checked_reports_drops(mesh, checked_buf, rng, layout, kw, route):
+    x, idx, w = arrays(rng)
+    route(idx)
+    err, _ = _checked_fn(mesh, checked_buf, layout=layout, **kw)(x, idx, w)
+    msg = err.get()
+    assert msg is not None
+    assert "drop" in msg.lower() or "capacity" in msg.lower(), msg
+    with pytest.raises(checkify.JaxRuntimeError):
+        err.throw()
+
+
+def test_checked_no_drop_at_exact_capacity(mesh, checked_buf, rng):
+    """A capacity that exactly fits is not an error."""
+    x, idx, w = arrays(rng)
+    idx[:] = 0
+    idx[:, 1:] = -1  # R*T rows to expert 0
+    err, _ = _checked_fn(mesh, checked_buf, layout="expert", recv_capacity=R * T)(x, idx, w)
+    assert err.get() is None, err.get()
+
+
+def test_unchecked_does_not_raise(mesh, buf, rng):
+    """Without checked=True, invalid ids and drops are only counted (no error, no checkify)."""
+    x, idx, w = arrays(rng)
+    idx[0, 0] = E + 1
+
+    def f(x, idx, w):
+        res = jax_ep.dispatch(buf, x, idx, w, num_experts=E, recv_capacity=1)
+        return jnp.stack([res.num_invalid, res.num_dropped])[None]
+
+    out = np.asarray(shard_jit(mesh, f)(x, idx, w))
+    assert out[0, 0] == 1 and out[1, 0] == 0
+    assert out[:, 1].sum() > 0

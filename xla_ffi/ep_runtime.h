@@ -1,0 +1,60 @@
+// Device workspaces of the EP groups (one per jax_ep.Buffer with backend "cuda").
+//
+// Everything that takes driver locks happens here, at Buffer creation and outside jit:
+// allocation, peer enabling, kernel loading. Handlers only look a workspace up.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "ep_kernels.h"
+
+namespace jax_ep {
+
+struct DeviceSlot {
+  int rank = -1;                  // position in its EP group
+  int num_ranks = 0;
+  uint8_t* peer_ws[kMaxRanks] = {};
+  std::unique_ptr<std::atomic<uint64_t>> epoch;  // calls issued on this device
+};
+
+struct WorkspaceConfig {
+  std::vector<std::vector<int>> groups;  // device ordinals of each EP group, in rank order
+  size_t slots_per_rank = 0;             // staging slots reserved per source rank
+  size_t slot_bytes = 0;                 // largest staging slot
+  int num_blocks = 0;                    // grid of every kernel (<= SMs, <= kMaxBlocks)
+  uint64_t timeout_ns = 0;
+};
+
+class Workspace {
+ public:
+  // Returns nullptr and sets *error when the GPUs cannot host it.
+  static std::unique_ptr<Workspace> Create(const WorkspaceConfig& config, std::string* error);
+  ~Workspace();
+
+  // nullptr when the device is not part of this workspace.
+  DeviceSlot* Device(int ordinal);
+  const WorkspaceConfig& config() const { return config_; }
+  size_t bytes_per_device() const;
+  // "" when no kernel reported a timeout, else the report.
+  std::string ErrorMessage() const;
+  CommArgs Comm(DeviceSlot& slot, size_t slot_stride);
+
+ private:
+  explicit Workspace(WorkspaceConfig config) : config_(std::move(config)) {}
+  WorkspaceConfig config_;
+  std::vector<int> ordinals_;      // device of each allocation
+  std::vector<uint8_t*> bases_;
+  std::vector<DeviceSlot> slots_;  // indexed like ordinals_
+  ErrorRecord* error_ = nullptr;   // host-mapped
+};
+
+// Registry: ids handed to Python; handlers find their workspace by id and DeviceOrdinal.
+int64_t RegisterWorkspace(std::unique_ptr<Workspace> ws);
+void ReleaseWorkspace(int64_t id);
+Workspace* FindWorkspace(int64_t id);
+
+}  // namespace jax_ep

@@ -1,0 +1,70 @@
+// Python module jax_ep._jax_ep_cuda: the FFI handlers (jax_ep/_ffi.py registers them) and
+// the eager set-up calls that must happen outside jit.
+#include <nanobind/nanobind.h>
+
+#include <stdexcept>
+#include <string>
+
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include "ep_runtime.h"
+#include "handlers.h"
+#include "layout_kernels.h"
+
+namespace nb = nanobind;
+
+NB_MODULE(_jax_ep_cuda, m) {
+  m.doc() = "jax_ep CUDA kernels as XLA FFI handlers";
+
+  m.def(
+      "registrations",
+      [] {
+        nb::dict targets;
+        targets["jax_ep_dispatch_layout"] = nb::capsule(jax_ep::DispatchLayoutHandler());
+        targets["jax_ep_dispatch"] = nb::capsule(jax_ep::DispatchHandler());
+        targets["jax_ep_combine"] = nb::capsule(jax_ep::ReturnHandler());
+        targets["jax_ep_broadcast"] = nb::capsule(jax_ep::BroadcastHandler());
+        targets["jax_ep_peer_copy"] = nb::capsule(jax_ep::PeerCopyHandler());
+        targets["jax_ep_slot_ranks"] = nb::capsule(jax_ep::SlotRanksHandler());
+        return targets;
+      },
+      "dict {FFI target name: PyCapsule of its handler}, for jax.ffi.register_ffi_target.");
+
+  m.def(
+      "preload",
+      [](int device) {
+        const cudaError_t err = jax_ep::PreloadLayoutKernels(device);
+        if (err != cudaSuccess) {
+          throw std::runtime_error("jax_ep: loading kernels on GPU " + std::to_string(device) +
+                                   ": " + cudaGetErrorString(err));
+        }
+      },
+      nb::arg("device"),
+      "Load the kernels on CUDA device `device` now (not lazily at a first launch).");
+
+  m.def(
+      "create_workspace",
+      [](std::vector<std::vector<int>> groups, size_t slots_per_rank, size_t slot_bytes,
+         int num_blocks, uint64_t timeout_ns) {
+        jax_ep::WorkspaceConfig config{std::move(groups), slots_per_rank, slot_bytes, num_blocks,
+                                       timeout_ns};
+        std::string error;
+        auto ws = jax_ep::Workspace::Create(config, &error);
+        if (ws == nullptr) throw std::runtime_error(error);
+        return jax_ep::RegisterWorkspace(std::move(ws));
+      },
+      nb::arg("groups"), nb::arg("slots_per_rank"), nb::arg("slot_bytes"), nb::arg("num_blocks"),
+      nb::arg("timeout_ns"),
+      "Allocates the EP workspaces (groups: device ordinals of each EP group in rank order), "
+      "enables peer access and loads the kernels; returns the workspace id.");
+  m.def("release_workspace", &jax_ep::ReleaseWorkspace, nb::arg("id"),
+        "Frees a workspace (waits for the devices first).");
+  m.def(
+      "workspace_error",
+      [](int64_t id) {
+        jax_ep::Workspace* ws = jax_ep::FindWorkspace(id);
+        return ws == nullptr ? std::string() : ws->ErrorMessage();
+      },
+      nb::arg("id"), "The timeout report of a workspace's kernels, or ''.");
+}
