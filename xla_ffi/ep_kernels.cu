@@ -34,7 +34,8 @@ __device__ __forceinline__ uint64_t GlobalTimerNs() {
 }
 
 __device__ const char* PhaseName(int phase) {
-  return phase == kPhaseEntry ? "entry barrier" : "waiting for peer data";
+  return phase == kPhaseEntry ? "entry barrier"
+         : phase == kPhaseCounts ? "waiting for peer counts" : "waiting for peer data";
 }
 
 __device__ const char* OpName(int op) {
@@ -78,14 +79,25 @@ __device__ void EntryBarrier(const CommArgs& c, int op) {
   __syncthreads();
 }
 
-// This block finished pushing to every peer for this epoch.
+// This block finished pushing to every peer for this epoch. The barrier orders the block's
+// stores before the signalling threads' system-scope fence and release (cumulativity), so one
+// fence per peer suffices (a fence in every thread costs tens of microseconds per call).
 __device__ void SignalSent(const CommArgs& c) {
-  __threadfence_system();
   __syncthreads();
   if (threadIdx.x < c.num_ranks) {
+    __threadfence_system();
     StoreRelease(PeerFlag(c, threadIdx.x, kSentOffset, size_t(c.rank) * kMaxBlocks + blockIdx.x),
                  c.epoch);
   }
+}
+
+// Waits until every block of peer `src` has pushed to this rank.
+__device__ void WaitSentFrom(const CommArgs& c, int op, int src) {
+  for (int block = threadIdx.x; block < c.num_blocks; block += blockDim.x) {
+    WaitFlag(PeerFlag(c, c.rank, kSentOffset, size_t(src) * kMaxBlocks + block), c, op,
+             kPhaseSent, src);
+  }
+  __syncthreads();
 }
 
 // Waits until every block of every peer has pushed to this rank.
@@ -169,14 +181,25 @@ __global__ void __launch_bounds__(kThreads, 1) DispatchKernel(CommArgs c, Dispat
 
   EntryBarrier(c, kOpDispatch);
 
-  // Counts first (ordered before this block's sent flags): tokens and per-expert slots per peer.
+  // Counts first: tokens and per-expert slots for every peer, then wait for everyone's, so each
+  // source's slots can be laid out as soon as that source's data has landed.
   if (blockIdx.x == 0) {
     for (int q = threadIdx.x; q < num_ranks * (1 + num_local); q += blockDim.x) {
       const int d = q / (1 + num_local), j = q % (1 + num_local);
       const int v = j == 0 ? a.tokens_per_rank[d] : a.tokens_per_expert[d * num_local + j - 1];
       reinterpret_cast<int32_t*>(c.peer_ws[d] + kCountsOffset)[size_t(rank) * kCountStride + j] = v;
     }
+    __syncthreads();
+    if (threadIdx.x < num_ranks) {
+      __threadfence_system();
+      StoreRelease(PeerFlag(c, threadIdx.x, kCountsFlagOffset, rank), c.epoch);
+    }
   }
+  if (threadIdx.x < num_ranks) {
+    WaitFlag(PeerFlag(c, rank, kCountsFlagOffset, threadIdx.x), c, kOpDispatch, kPhaseCounts,
+             threadIdx.x);
+  }
+  __syncthreads();
 
   // Push: one warp per token; the row crosses NVLink once per destination rank.
   for (int t = gwarp; t < a.num_tokens; t += num_gwarps) {
@@ -201,7 +224,6 @@ __global__ void __launch_bounds__(kThreads, 1) DispatchKernel(CommArgs c, Dispat
     }
   }
   SignalSent(c);
-  WaitAllSent(c, kOpDispatch);
 
   // Receive side: counts from every source, then offsets.
   const int32_t* counts = reinterpret_cast<const int32_t*>(c.peer_ws[rank] + kCountsOffset);
@@ -237,7 +259,9 @@ __global__ void __launch_bounds__(kThreads, 1) DispatchKernel(CommArgs c, Dispat
   __syncthreads();
 
   const size_t row_bytes = a.x_row_bytes;
-  for (int s = 0; s < num_ranks; ++s) {
+  for (int step = 0; step < num_ranks; ++step) {
+    const int s = (rank + step) % num_ranks;  // own slots first: they land earliest
+    WaitSentFrom(c, kOpDispatch, s);
     const int num_in = min(s_count[s], s_cap);
     for (int i = gwarp; i < s_cap; i += num_gwarps) {
       const size_t src_slot = size_t(s) * s_cap + i;
@@ -573,24 +597,39 @@ __global__ void __launch_bounds__(kThreads, 1) BroadcastKernel(CommArgs c, Broad
 // ------------------------------------------------------------------ slot ranks (local)
 
 // One block per expert: rank of each slot (t, k) among the slots naming that expert, in (t, k)
-// order. Deterministic ballot prefix sums; slots naming no valid expert keep the -1 prefill.
-__global__ void __launch_bounds__(1024) SlotRanksKernel(const int32_t* topk_idx, int num_slots,
-                                                        int32_t* ranks) {
-  __shared__ int warp_total[32];
+// order. Each thread counts kPer consecutive slots, a block-wide exclusive scan gives its start;
+// deterministic. Slots naming no valid expert keep the -1 prefill.
+constexpr int kRankThreads = 1024, kRankPer = 8;
+
+__global__ void __launch_bounds__(kRankThreads) SlotRanksKernel(const int32_t* topk_idx,
+                                                                int num_slots, int32_t* ranks) {
+  __shared__ int warp_total[kRankThreads / 32];
   const int expert = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   int carry = 0;
-  for (int base = 0; base < num_slots; base += blockDim.x) {
-    const int f = base + threadIdx.x;
-    const bool hit = f < num_slots && __ldg(topk_idx + f) == expert;
-    const unsigned ballot = __ballot_sync(kFull, hit);
-    if (lane == 0) warp_total[warp] = __popc(ballot);
+  for (int base = 0; base < num_slots; base += kRankThreads * kRankPer) {
+    const int first = base + threadIdx.x * kRankPer;
+    unsigned hits = 0;
+#pragma unroll
+    for (int q = 0; q < kRankPer; ++q) {
+      if (first + q < num_slots && __ldg(topk_idx + first + q) == expert) hits |= 1u << q;
+    }
+    const int mine = __popc(hits);
+    int incl = mine;  // warp-inclusive scan
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int n = __shfl_up_sync(kFull, incl, o);
+      if (lane >= o) incl += n;
+    }
+    if (lane == 31) warp_total[warp] = incl;
     __syncthreads();
     int before = carry, total = 0;
-    for (int w = 0; w < blockDim.x / 32; ++w) {
-      before += w < warp ? warp_total[w] : 0;
-      total += warp_total[w];
+    for (int w = 0; w < kRankThreads / 32; ++w) {
+      const int t = warp_total[w];
+      before += w < warp ? t : 0;
+      total += t;
     }
-    if (hit) ranks[f] = before + __popc(ballot & ((1u << lane) - 1));
+    int r = before + incl - mine;
+    for (unsigned h = hits; h; h &= h - 1) ranks[first + __ffs(h) - 1] = r++;
     carry += total;
     __syncthreads();
   }
@@ -659,7 +698,7 @@ cudaError_t LaunchSlotRanks(const int32_t* topk_idx, int num_slots, int num_expe
                             int32_t* ranks, cudaStream_t stream) {
   cudaMemsetAsync(ranks, 0xff, sizeof(int32_t) * num_slots, stream);  // -1 everywhere
   if (num_slots > 0 && num_experts > 0) {
-    SlotRanksKernel<<<num_experts, 1024, 0, stream>>>(topk_idx, num_slots, ranks);
+    SlotRanksKernel<<<num_experts, kRankThreads, 0, stream>>>(topk_idx, num_slots, ranks);
   }
   return cudaGetLastError();
 }

@@ -3,9 +3,10 @@
 // One process drives every GPU of the EP group. Each rank owns a workspace (cudaMalloc'ed at
 // Buffer creation, peer access enabled): a signal area peers write flags and counts into, and a
 // staging area of [num_ranks][slots_per_rank] slots peers push rows into. A call is one epoch:
-//   entry barrier (peers finished the previous call, so staging is free) -> push my rows into the
-//   peers' staging over NVLink -> per-block "sent" flags -> wait for every peer's flags ->
-//   lay the received slots out locally.
+//   entry barrier (peers finished the previous call, so staging is free) -> [dispatch: counts to
+//   every peer, wait for everyone's counts] -> push my rows into the peers' staging over NVLink
+//   -> per-block "sent" flags -> per source (own first), wait for its flags and lay its slots
+//   out locally while the other sources' data is still arriving.
 // Every wait is bounded: on timeout the kernel records rank/phase/peer in host-mapped memory,
 // prints it and traps, so the process fails instead of hanging.
 #pragma once
@@ -25,6 +26,7 @@ constexpr int kCountStride = 1 + kMaxLocalExperts;  // [tokens, per local expert
 
 // Byte offsets inside every rank's workspace (identical on all ranks).
 constexpr size_t kEntryOffset = 0;                                          // u64 [kMaxRanks]
+constexpr size_t kCountsFlagOffset = 128;                                   // u64 [kMaxRanks]
 constexpr size_t kSentOffset = 256;                                         // u64 [R][kMaxBlocks]
 constexpr size_t kCountsOffset = kSentOffset + 8ull * kMaxRanks * kMaxBlocks;  // i32 [R][stride]
 constexpr size_t kStagingOffset =
@@ -32,7 +34,7 @@ constexpr size_t kStagingOffset =
 static_assert(kStagingOffset == 98816, "keep jax_ep/buffer.py SIGNAL_BYTES in sync");
 
 // Phases named in timeout reports.
-enum Phase : int { kPhaseEntry = 1, kPhaseSent = 2 };
+enum Phase : int { kPhaseEntry = 1, kPhaseSent = 2, kPhaseCounts = 3 };
 enum Op : int { kOpDispatch = 1, kOpCombine = 2, kOpBroadcast = 3, kOpPeerCopy = 4 };
 
 struct ErrorRecord {  // host-mapped; written by a kernel that timed out

@@ -151,7 +151,9 @@ std::string Workspace::ErrorMessage() const {
   if (e == nullptr || e->code == 0) return "";
   const char* op = e->op == kOpDispatch ? "dispatch" : e->op == kOpCombine ? "combine"
                    : e->op == kOpBroadcast ? "broadcast" : "peer copy";
-  const char* phase = e->code == kPhaseEntry ? "entry barrier" : "waiting for peer data";
+  const char* phase = e->code == kPhaseEntry    ? "entry barrier"
+                      : e->code == kPhaseCounts ? "waiting for peer counts"
+                                                : "waiting for peer data";
   return "jax_ep: rank " + std::to_string(e->rank) + " timed out in " + op + " (" + phase +
          ") waiting for rank " + std::to_string(e->peer) +
          "; every rank of the EP axis must run the same sequence of jax_ep calls";
