@@ -12,6 +12,9 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_enable_x64", False)
+# Full float32 matmuls (GPUs default to TF32): finite-difference gradient checks and the
+# layer-vs-dense comparisons need them.
+jax.config.update("jax_default_matmul_precision", "highest")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -187,10 +187,12 @@ def test_cuda_example_trains(tmp_path):
     """The example's training loop on backend "cuda" (the Buffer must pick it): runs and learns."""
     import importlib.util
     import pathlib
+    import sys
 
     path = pathlib.Path(__file__).parent.parent / "examples" / "train_moe.py"
     spec = importlib.util.spec_from_file_location("train_moe", path)
     example = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = example  # its dataclasses resolve annotations through sys.modules
     spec.loader.exec_module(example)
     summary = example.main(["--backend", "cuda", "--steps", "80", "--out", str(tmp_path)])
     assert np.isfinite(summary["end_loss"])
