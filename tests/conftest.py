@@ -48,6 +48,16 @@ def make_mesh(num_ranks, axis_name="ep"):
     return Mesh(np.array(devices[:num_ranks]), (axis_name,))
 
 
+def make_buffer(mesh, *, tokens, hidden, topk, **kw):
+    """jax_ep.Buffer for the tests' backend (env JAX_EP_TEST_BACKEND, default "auto"), sized for
+    the largest call (T, H, K) so that on GPU hosts "auto" picks the CUDA kernels."""
+    import jax_ep  # noqa: PLC0415 (after the device-count config above)
+
+    backend = os.environ.get("JAX_EP_TEST_BACKEND", "auto")
+    return jax_ep.Buffer(mesh, "ep", backend=backend, max_tokens_per_rank=tokens, hidden=hidden,
+                         num_topk=topk, **kw)
+
+
 @pytest.fixture
 def rng():
     """Fresh random inputs each run; the seed is printed so a failure can be replayed."""

@@ -1,8 +1,6 @@
 """Trace-time errors of the contract, and the checked (checkify) mode."""
 from __future__ import annotations
 
-import inspect
-import os
 
 import jax
 import jax.numpy as jnp
@@ -14,21 +12,8 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 import jax_ep
-from conftest import ep_devices, make_mesh
+from conftest import ep_devices, make_buffer, make_mesh
 
-BACKEND = os.environ.get("JAX_EP_TEST_BACKEND", "auto")
-
-
-def make_buffer(mesh, *, tokens, hidden, topk, **kw):
-    """jax_ep.Buffer for these tests' backend (env JAX_EP_TEST_BACKEND, default "auto").
-
-    GPU backends size their workspace at creation: the largest call's T, H, K are passed when the
-    Buffer accepts them (on GPU hosts "auto" then picks the CUDA kernels when they are built).
-    """
-    params = inspect.signature(jax_ep.Buffer).parameters
-    if "max_tokens_per_rank" in params:
-        kw.update(max_tokens_per_rank=tokens, hidden=hidden, num_topk=topk)
-    return jax_ep.Buffer(mesh, "ep", backend=BACKEND, **kw)
 
 R, T, H, K, E = 2, 4, 8, 2, 4
 ERRORS = (ValueError, TypeError)

@@ -5,8 +5,6 @@ Everything is float32 and small.
 """
 from __future__ import annotations
 
-import inspect
-import os
 
 import jax
 import jax.numpy as jnp
@@ -17,21 +15,8 @@ from jax.test_util import check_grads
 
 import jax_ep
 import numpy_model as nm
-from conftest import make_mesh
+from conftest import make_buffer, make_mesh
 
-BACKEND = os.environ.get("JAX_EP_TEST_BACKEND", "auto")
-
-
-def make_buffer(mesh, *, tokens, hidden, topk, **kw):
-    """jax_ep.Buffer for these tests' backend (env JAX_EP_TEST_BACKEND, default "auto").
-
-    GPU backends size their workspace at creation: the largest call's T, H, K are passed when the
-    Buffer accepts them (on GPU hosts "auto" then picks the CUDA kernels when they are built).
-    """
-    params = inspect.signature(jax_ep.Buffer).parameters
-    if "max_tokens_per_rank" in params:
-        kw.update(max_tokens_per_rank=tokens, hidden=hidden, num_topk=topk)
-    return jax_ep.Buffer(mesh, "ep", backend=BACKEND, **kw)
 
 # Everything below is (piecewise) linear or smooth; f32 central differences with this step are
 # accurate to ~1e-4 relative.

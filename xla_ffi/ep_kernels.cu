@@ -735,24 +735,38 @@ size_t ReturnSlotBytes(int width, ElemType elem, ReturnMode mode, int num_topk) 
   return Align16(size_t(width) * item);
 }
 
-cudaError_t LaunchDispatch(const CommArgs& c, const DispatchArgs& a, cudaStream_t stream) {
-  switch (VecBytes(a.x_row_bytes)) {
-    case 16: return LaunchDispatchV<int4>(c, a, stream);
-    case 8: return LaunchDispatchV<int2>(c, a, stream);
-    case 4: return LaunchDispatchV<int>(c, a, stream);
-    case 2: return LaunchDispatchV<short>(c, a, stream);
-    default: return LaunchDispatchV<char>(c, a, stream);
+// Runs Launch<V> with the widest vector type (16..1 bytes) that divides the row size.
+template <template <typename> class Launch, typename Args>
+cudaError_t ByRowVector(size_t row_bytes, const CommArgs& c, const Args& a, cudaStream_t stream) {
+  switch (VecBytes(row_bytes)) {
+    case 16: return Launch<int4>::Run(c, a, stream);
+    case 8: return Launch<int2>::Run(c, a, stream);
+    case 4: return Launch<int>::Run(c, a, stream);
+    case 2: return Launch<short>::Run(c, a, stream);
+    default: return Launch<char>::Run(c, a, stream);
   }
 }
 
-cudaError_t LaunchBroadcast(const CommArgs& c, const BroadcastArgs& a, cudaStream_t stream) {
-  switch (VecBytes(a.row_bytes)) {
-    case 16: return LaunchBroadcastV<int4>(c, a, stream);
-    case 8: return LaunchBroadcastV<int2>(c, a, stream);
-    case 4: return LaunchBroadcastV<int>(c, a, stream);
-    case 2: return LaunchBroadcastV<short>(c, a, stream);
-    default: return LaunchBroadcastV<char>(c, a, stream);
+template <typename V>
+struct DispatchLauncher {
+  static cudaError_t Run(const CommArgs& c, const DispatchArgs& a, cudaStream_t s) {
+    return LaunchDispatchV<V>(c, a, s);
   }
+};
+
+template <typename V>
+struct BroadcastLauncher {
+  static cudaError_t Run(const CommArgs& c, const BroadcastArgs& a, cudaStream_t s) {
+    return LaunchBroadcastV<V>(c, a, s);
+  }
+};
+
+cudaError_t LaunchDispatch(const CommArgs& c, const DispatchArgs& a, cudaStream_t stream) {
+  return ByRowVector<DispatchLauncher>(a.x_row_bytes, c, a, stream);
+}
+
+cudaError_t LaunchBroadcast(const CommArgs& c, const BroadcastArgs& a, cudaStream_t stream) {
+  return ByRowVector<BroadcastLauncher>(a.row_bytes, c, a, stream);
 }
 
 cudaError_t LaunchReturn(const CommArgs& c, const ReturnArgs& a, cudaStream_t stream) {
