@@ -19,7 +19,7 @@ def _cuda_kernels_available() -> bool:
 
 
 # Flags and counts at the head of every workspace (ep_kernels.h: kStagingOffset).
-SIGNAL_BYTES = 98816
+SIGNAL_BYTES = 100352
 
 
 def _align16(n: int) -> int:

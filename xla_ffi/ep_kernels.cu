@@ -183,11 +183,27 @@ __global__ void __launch_bounds__(kThreads, 1) DispatchKernel(CommArgs c, Dispat
 
   // Counts first: tokens and per-expert slots for every peer, then wait for everyone's, so each
   // source's slots can be laid out as soon as that source's data has landed.
+  const bool direct = !a.expert_layout;  // token layout: rows go straight to the outputs
   if (blockIdx.x == 0) {
     for (int q = threadIdx.x; q < num_ranks * (1 + num_local); q += blockDim.x) {
       const int d = q / (1 + num_local), j = q % (1 + num_local);
       const int v = j == 0 ? a.tokens_per_rank[d] : a.tokens_per_expert[d * num_local + j - 1];
       reinterpret_cast<int32_t*>(c.peer_ws[d] + kCountsOffset)[size_t(rank) * kCountStride + j] = v;
+    }
+    if (direct) {
+      for (int q = threadIdx.x; q < num_ranks * num_ranks; q += blockDim.x) {
+        const int d = q / num_ranks, e = q % num_ranks;
+        reinterpret_cast<int32_t*>(c.peer_ws[d] + kMatrixOffset)[rank * kMaxRanks + e] =
+            a.tokens_per_rank[e];
+      }
+      if (threadIdx.x < num_ranks) {
+        uint64_t* ptrs = reinterpret_cast<uint64_t*>(c.peer_ws[threadIdx.x] + kPtrOffset) +
+                         rank * kNumPtrs;
+        ptrs[0] = reinterpret_cast<uint64_t>(a.recv_x);
+        ptrs[1] = reinterpret_cast<uint64_t>(a.recv_scales);
+        ptrs[2] = reinterpret_cast<uint64_t>(a.recv_topk_idx);
+        ptrs[3] = reinterpret_cast<uint64_t>(a.recv_topk_weights);
+      }
     }
     __syncthreads();
     if (threadIdx.x < num_ranks) {
@@ -199,6 +215,17 @@ __global__ void __launch_bounds__(kThreads, 1) DispatchKernel(CommArgs c, Dispat
     WaitFlag(PeerFlag(c, rank, kCountsFlagOffset, threadIdx.x), c, kOpDispatch, kPhaseCounts,
              threadIdx.x);
   }
+  __shared__ int s_dst_offset[kMaxRanks];  // direct: my first row on each destination
+  __shared__ uint64_t s_dst_ptr[kMaxRanks][kNumPtrs];
+  if (direct && threadIdx.x < num_ranks) {
+    const int d = threadIdx.x;
+    const int32_t* matrix = reinterpret_cast<const int32_t*>(c.peer_ws[rank] + kMatrixOffset);
+    int before = 0;
+    for (int q = 0; q < rank; ++q) before += __ldcg(matrix + q * kMaxRanks + d);
+    s_dst_offset[d] = before;
+    const uint64_t* ptrs = reinterpret_cast<const uint64_t*>(c.peer_ws[rank] + kPtrOffset);
+    for (int q = 0; q < kNumPtrs; ++q) s_dst_ptr[d][q] = __ldcg(ptrs + d * kNumPtrs + q);
+  }
   __syncthreads();
 
   // Push: one warp per token; the row crosses NVLink once per destination rank.
@@ -209,6 +236,24 @@ __global__ void __launch_bounds__(kThreads, 1) DispatchKernel(CommArgs c, Dispat
       const int d = __ffs(dests) - 1;
       dests &= dests - 1;
       const int slot = __shfl_sync(kFull, my_slot, d);
+      if (direct) {  // straight into rank d's outputs, at this token's final row
+        const int row = s_dst_offset[d] + slot;
+        if (row >= cap) continue;  // dropped: counted by the receiver
+        WarpCopy<V, true>(reinterpret_cast<uint8_t*>(s_dst_ptr[d][0]) + size_t(row) * a.x_row_bytes,
+                          a.x + size_t(t) * a.x_row_bytes, a.x_row_bytes, lane);
+        for (int q = lane; q < a.num_scales; q += 32) {
+          reinterpret_cast<float*>(s_dst_ptr[d][1])[size_t(row) * a.num_scales + q] =
+              a.scales[size_t(t) * a.num_scales + q];
+        }
+        if (lane < num_topk) {
+          const size_t tk = size_t(t) * num_topk + lane, rk = size_t(row) * num_topk + lane;
+          const int j = a.topk_idx[tk] - d * num_local;
+          const bool local = j >= 0 && j < num_local;
+          reinterpret_cast<int32_t*>(s_dst_ptr[d][2])[rk] = local ? j : -1;
+          reinterpret_cast<float*>(s_dst_ptr[d][3])[rk] = local ? a.topk_weights[tk] : 0.f;
+        }
+        continue;
+      }
       uint8_t* dst = Slot(c, d, rank, slot);
       WarpCopy<V, true>(dst, a.x + size_t(t) * a.x_row_bytes, a.x_row_bytes, lane);
       if (a.num_scales) {
@@ -266,24 +311,14 @@ __global__ void __launch_bounds__(kThreads, 1) DispatchKernel(CommArgs c, Dispat
     for (int i = gwarp; i < s_cap; i += num_gwarps) {
       const size_t src_slot = size_t(s) * s_cap + i;
       const uint8_t* slot = Slot(c, rank, s, i);
-      if (!a.expert_layout) {
+      if (direct) {  // the row already sits in recv_x: only the bookkeeping is left
         const int row = s_offset[s] + i;
         const bool stored = i < num_in && row < cap;
         if (lane == 0) a.recv_rows[src_slot] = stored ? row : cap;
         if (!stored) continue;
-        WarpCopy<V, false>(a.recv_x + size_t(row) * row_bytes, slot, row_bytes, lane);
-        if (a.num_scales) {
-          WarpCopyWords(a.recv_scales + size_t(row) * a.num_scales,
-                        reinterpret_cast<const float*>(slot + layout.scales_off), a.num_scales, lane);
-        }
         if (lane < num_topk) {
-          const int j = LoadStaged<int32_t>(slot + layout.idx_off, lane) -
-                        rank * num_local;
-          const bool local = j >= 0 && j < num_local;
-          const float w = LoadStaged<float>(slot + layout.w_off, lane);
-          a.recv_topk_idx[size_t(row) * num_topk + lane] = local ? j : -1;
-          a.recv_topk_weights[size_t(row) * num_topk + lane] = local ? w : 0.f;
-          if (local) atomicAdd(a.num_tokens_per_expert + j, 1);
+          const int j = __ldcg(a.recv_topk_idx + size_t(row) * num_topk + lane);
+          if (j >= 0) atomicAdd(a.num_tokens_per_expert + j, 1);
         }
         if (lane == 0) a.row_src[row] = int(src_slot);
         continue;

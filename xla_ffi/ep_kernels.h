@@ -29,9 +29,13 @@ constexpr size_t kEntryOffset = 0;                                          // u
 constexpr size_t kCountsFlagOffset = 128;                                   // u64 [kMaxRanks]
 constexpr size_t kSentOffset = 256;                                         // u64 [R][kMaxBlocks]
 constexpr size_t kCountsOffset = kSentOffset + 8ull * kMaxRanks * kMaxBlocks;  // i32 [R][stride]
-constexpr size_t kStagingOffset =
-    (kCountsOffset + 4ull * kMaxRanks * kCountStride + 255) / 256 * 256;
-static_assert(kStagingOffset == 98816, "keep jax_ep/buffer.py SIGNAL_BYTES in sync");
+// Token-layout dispatch writes rows straight into the receivers' outputs: every rank publishes
+// the routing matrix row (tokens it sends to each rank) and its output pointers to every peer.
+constexpr size_t kMatrixOffset = kCountsOffset + 4ull * kMaxRanks * kCountStride;  // i32 [R][R]
+constexpr size_t kPtrOffset = kMatrixOffset + 4ull * kMaxRanks * kMaxRanks;  // u64 [R][kNumPtrs]
+constexpr int kNumPtrs = 4;  // recv_x, recv_scales, recv_topk_idx, recv_topk_weights
+constexpr size_t kStagingOffset = (kPtrOffset + 8ull * kMaxRanks * kNumPtrs + 255) / 256 * 256;
+static_assert(kStagingOffset == 100352, "keep jax_ep/buffer.py SIGNAL_BYTES in sync");
 
 // Phases named in timeout reports.
 enum Phase : int { kPhaseEntry = 1, kPhaseSent = 2, kPhaseCounts = 3 };
