@@ -7,6 +7,9 @@
 //   every peer, wait for everyone's counts] -> push my rows into the peers' staging over NVLink
 //   -> per-block "sent" flags -> per source (own first), wait for its flags and lay its slots
 //   out locally while the other sources' data is still arriving.
+// The token-layout dispatch skips the staging: receivers publish their output pointers with the
+// counts and senders write each row at its final place. This needs XLA's buffers to be reachable
+// from peers, true for its default allocator (cudaMalloc'ed arenas + peer access enabled here).
 // Every wait is bounded: on timeout the kernel records rank/phase/peer in host-mapped memory,
 // prints it and traps, so the process fails instead of hanging.
 #pragma once
