@@ -84,6 +84,7 @@ class Buffer:
         self.checked = bool(checked)
         self.num_sms = num_sms
         self.max_tokens_per_rank = max_tokens_per_rank
+        self.hidden, self.num_topk = hidden, num_topk
         self.workspace_id = 0
         self._closed = False
         if backend == "cuda":
@@ -102,11 +103,21 @@ class Buffer:
         if timeout_s is None:
             timeout_s = float(os.environ.get("JAX_EP_TIMEOUT_S", "60"))
         self.slot_bytes = slot_bytes_for(hidden, num_topk)
-        self.hidden, self.num_topk = hidden, num_topk
         self.workspace_id = _ffi.extension().create_workspace(
             [[int(d.local_hardware_id) for d in g] for g in groups], int(max_tokens),
             int(self.slot_bytes), int(num_sms), int(timeout_s * 1e9))
         self.num_sms = num_sms
+
+    def check_fits(self, num_tokens: int, hidden: int, num_topk: int) -> None:
+        """Trace-time check that a call fits the workspace of backend "cuda" (else ValueError)."""
+        if self.backend != "cuda":
+            return
+        limits = (self.max_tokens_per_rank, self.hidden, self.num_topk)
+        if num_tokens > limits[0] or hidden > limits[1] or num_topk > limits[2]:
+            raise ValueError(
+                f"this call has T={num_tokens}, H={hidden}, K={num_topk} but the Buffer's workspace "
+                f"was sized for max_tokens_per_rank={limits[0]}, hidden={limits[1]}, "
+                f"num_topk={limits[2]}: create the Buffer with larger ones")
 
     def check(self) -> None:
         """Raises RuntimeError if a kernel of this Buffer timed out waiting for a peer."""

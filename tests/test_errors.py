@@ -293,3 +293,14 @@ def test_unchecked_does_not_raise(mesh, buf, rng):
     out = np.asarray(shard_jit(mesh, f)(x, idx, w))
     assert out[0, 0] == 1 and out[1, 0] == 0
     assert out[:, 1].sum() > 0
+
+
+def test_cuda_workspace_limits_checked_at_trace_time():
+    """A call larger than a "cuda" Buffer's workspace is refused while tracing, naming the sizes."""
+    buf = jax_ep.Buffer(make_mesh(2), "ep", backend="xla")
+    buf.check_fits(10**6, 10**6, 99)  # the reference backend has no workspace limits
+    buf.backend, buf.max_tokens_per_rank, buf.hidden, buf.num_topk = "cuda", 64, 128, 4
+    buf.check_fits(64, 128, 4)
+    for too_big in [(65, 128, 4), (64, 129, 4), (64, 128, 5)]:
+        with pytest.raises(ValueError, match="max_tokens_per_rank=64, hidden=128, num_topk=4"):
+            buf.check_fits(*too_big)
