@@ -160,9 +160,9 @@ def dispatch(buffer: Buffer, x, topk_idx, topk_weights, *, num_experts: int,
         raise ValueError(f"topk_weights {topk_weights.shape} must match topk_idx {topk_idx.shape}")
     if topk_weights.dtype != jnp.float32:
         raise TypeError(f"topk_weights must be float32, got {topk_weights.dtype}")
-    buffer.check_fits(num_tokens, x.shape[1], num_topk)
     cfg = make_config(buffer, num_tokens, num_topk, num_experts=num_experts, layout=layout,
                       recv_capacity=recv_capacity, expert_alignment=expert_alignment)
+    buffer.check_fits(num_tokens, x.shape[1], num_topk)  # after the axis check: clearer first
     res = _dispatch(cfg, x, scales, topk_idx, topk_weights)
     if cfg.checked:
         checkify.check(res.num_invalid == 0,
@@ -226,6 +226,6 @@ def combine(buffer: Buffer, y, handle: DispatchHandle):
                          f"recv_capacity rows), got {y.shape}")
     if y.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"combine: y must be bfloat16/float16/float32, got {y.dtype}")
-    buffer.check_fits(cfg.num_tokens, y.shape[1], cfg.num_topk)
     _axis_size(cfg.axis_name)
+    buffer.check_fits(cfg.num_tokens, y.shape[1], cfg.num_topk)
     return _combine(cfg, y, handle)
