@@ -80,7 +80,7 @@ class LayoutConfig:
         return {"num_experts": int(self.num_experts), "num_ranks": int(self.num_ranks)}
 
 
-def _result_type(aval, shape, dtype):
+def result_type(aval, shape, dtype):
     """A result type on ``aval``'s mesh with its varying manual axes (a plain ShapeDtypeStruct
     loses them inside shard_map), replicated over the other axes: the call is per shard."""
     sharding = aval.sharding
@@ -123,8 +123,8 @@ def dispatch_layout_cuda(topk_idx, num_experts: int, num_ranks: int):
     if aval.ndim != 2:
         raise ValueError(f"topk_idx must be [T, K], got shape {aval.shape}")
     e, r, t = config.num_experts, config.num_ranks, aval.shape[0]
-    out_types = (_result_type(aval, (r,), jnp.int32), _result_type(aval, (e,), jnp.int32),
-                 _result_type(aval, (t, r), jnp.bool_), _result_type(aval, (), jnp.int32))
+    out_types = (result_type(aval, (r,), jnp.int32), result_type(aval, (e,), jnp.int32),
+                 result_type(aval, (t, r), jnp.bool_), result_type(aval, (), jnp.int32))
     call = jax.ffi.ffi_call(LAYOUT_TARGET, out_types, has_side_effect=False,
                             vmap_method="sequential")
     return tuple(call(topk_idx, config=config.attribute()))

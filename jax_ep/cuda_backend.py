@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._ffi import result_type
 from .layout import get_dispatch_layout
 from .types import DispatchConfig, DispatchHandle, DispatchResult
 
@@ -20,8 +21,8 @@ _KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 def _like(ref, shape, dtype):
-    """Result type with ref's sharding/varying-axes marking (plain ShapeDtypeStruct loses it)."""
-    return jax.typeof(ref).update(shape=tuple(shape), dtype=jnp.dtype(dtype))
+    """Result type of a per-shard call on ref's mesh, keeping its varying manual axes."""
+    return result_type(jax.typeof(ref), shape, dtype)
 
 
 def _slot_ranks(topk_idx, num_experts: int):

@@ -101,8 +101,9 @@ def test_dispatch_vjp_matches_contract(layout, mesh, buf, rng):
     np.testing.assert_allclose(dw, np.concatenate(dw_ref), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["token", "expert"])
-def test_combine_grads_wrt_y(layout, mesh, buf, rng):
+def combine_after_dispatch(layout, mesh, buf, rng):
+    """(g, x, idx, w, y): g(x, idx, w, y) = combine(y, dispatch(x, idx, w).handle) over the mesh,
+    with random inputs and random rows y [R * C, H]."""
     x, idx, w = inputs(rng)
     kw = LAYOUT_KW[layout]
     cap = nm.default_capacity(layout, R, T, K, E, kw.get("expert_alignment", 1))
@@ -112,22 +113,18 @@ def test_combine_grads_wrt_y(layout, mesh, buf, rng):
         res = jax_ep.dispatch(buf, x, idx, w, num_experts=E, **kw)
         return jax_ep.combine(buf, y, res.handle)
 
-    g = shard_jit(mesh, per_shard)
+    return shard_jit(mesh, per_shard), x, idx, w, y
+
+
+@pytest.mark.parametrize("layout", ["token", "expert"])
+def test_combine_grads_wrt_y(layout, mesh, buf, rng):
+    g, x, idx, w, y = combine_after_dispatch(layout, mesh, buf, rng)
     check(lambda y: g(x, idx, w, y), (y,))
 
 
 def test_combine_grads_through_handle_weights(mesh, buf, rng):
     """Expert layout: router weights train through combine (the handle's row weights)."""
-    x, idx, w = inputs(rng)
-    kw = LAYOUT_KW["expert"]
-    cap = nm.default_capacity("expert", R, T, K, E, kw["expert_alignment"])
-    y = rng.uniform(-2, 2, size=(R * cap, H)).astype(np.float32)
-
-    def per_shard(x, idx, w, y):
-        res = jax_ep.dispatch(buf, x, idx, w, num_experts=E, **kw)
-        return jax_ep.combine(buf, y, res.handle)
-
-    g = shard_jit(mesh, per_shard)
+    g, x, idx, w, y = combine_after_dispatch("expert", mesh, buf, rng)
     check(lambda w: g(x, idx, w, y), (w,))
     check(lambda w, y: g(x, idx, w, y), (w, y))
 
