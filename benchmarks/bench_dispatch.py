@@ -18,8 +18,8 @@ Metrics (DeepEP's), for each rank r, then averaged over ranks:
   remote GB/s   = (pairs(r) from source ranks != r) * H * bytes_per_element / time / 1e9
   combine moves the same bytes in the reverse direction: same formulas.
 Timing:
-  device  --inner calls chained in ONE jitted program (lax.fori_loop, or straight-line with
-          --unroll). Every input of call i+1 (x, idx, w / y and the handle) gets a zero taken
+  device  --inner calls chained in ONE jitted program (straight-line; lax.fori_loop with
+          --no-unroll, which adds XLA:GPU's per-iteration host round trip). Every input of call i+1 (x, idx, w / y and the handle) gets a zero taken
           from call i's output (`v != v`, which XLA cannot fold), so no call or part of one is
           hoisted or CSE'd, and all outputs are carried and returned, so none is dead code.
           Program time / inner, --iters programs after --warmup: median, p10, p90.
@@ -89,10 +89,12 @@ def _ranks_of_tokens(idx, num_experts, num_ranks):
 class JaxEpRow:
     """jax_ep.dispatch / combine with one backend and layout."""
 
-    def __init__(self, mesh, backend, layout, num_experts, tokens, hidden, topk, capacity):
+    def __init__(self, mesh, backend, layout, num_experts, tokens, hidden, topk, capacity,
+                 num_recv_sms=None):
+        kw = dict(num_recv_sms=num_recv_sms) if backend == "cuda" else {}
         try:
             self.buf = jax_ep.Buffer(mesh, AX, backend=backend, max_tokens_per_rank=tokens,
-                                     hidden=hidden, num_topk=topk)
+                                     hidden=hidden, num_topk=topk, **kw)
         except ValueError as e:  # e.g. backend "cuda" on a CPU mesh
             raise NotImplementedError(str(e)) from None
         self.layout, self.E = layout, num_experts
@@ -318,7 +320,8 @@ def run_config(mesh, args, T, seed):
         ("jax_ep xla token", lambda: JaxEpRow(mesh, "xla", "token", *ep_args)),
         ("jax_ep xla expert", lambda: JaxEpRow(mesh, "xla", "expert", *ep_args)),
         ("jax_ep cuda token", lambda: JaxEpRow(mesh, "cuda", "token", *ep_args)),
-        ("jax_ep cuda expert", lambda: JaxEpRow(mesh, "cuda", "expert", *ep_args)),
+        ("jax_ep cuda expert", lambda: JaxEpRow(mesh, "cuda", "expert", *ep_args,
+                                                num_recv_sms=args.num_recv_sms)),
         ("ragged_a2a (MaxText)", lambda: RaggedA2ARow(R, E, K, plat)),
         ("padded_a2a (T/dest)", lambda: PaddedA2ARow(R, E)),
         ("nvlink_copy (ceiling)", None),
@@ -380,7 +383,7 @@ def nvlink_row(mesh, res, args, T):
         def loop(src):
             body = lambda i, acc: acc + cuda_backend.peer_copy(buf, src)  # noqa: E731
             first = cuda_backend.peer_copy(buf, src)  # peeled: the carry keeps its typing
-            return jax.lax.fori_loop(1, args.inner, body, first)[None]
+            return jax.lax.fori_loop(1, args.inner, body, first, unroll=args.unroll)[None]
 
         f = jax.jit(jax.shard_map(loop, mesh=mesh, in_specs=P(AX), out_specs=P(AX)))
         for _ in range(args.warmup):
@@ -407,7 +410,8 @@ def markdown(report):
              "pairs(r) = (token, dest rank) pairs received by rank r (own tokens included); "
              "logical GB/s = mean_r pairs(r) * H * 2 B / t; remote GB/s = same over pairs from "
              "other ranks; combine: same bytes reversed. t = device time per call: median of "
-             f"{a['iters']} programs of {a['inner']} chained calls, / {a['inner']} (p10, p90 "
+             f"{a['iters']} programs of {a['inner']} chained calls "
+             f"({'straight-line' if a.get('unroll') else 'in a lax.fori_loop'}), / {a['inner']} (p10, p90 "
              "likewise); wall = one call per program. check = max |combine(dispatch(x)) - numpy| "
              "/ tolerance on sampled rows, identity experts (exact for token-style rows, "
              "2^-6 * magnitude for the expert layout's weighted sum; <= 1 passes).", "",
@@ -479,8 +483,12 @@ def parse_args():
     p.add_argument("--seed", type=int, help="input seed (default: fresh random, printed)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
                    help="folder for the JSON, Markdown and PNG (default benchmarks/results)")
-    p.add_argument("--unroll", action="store_true",
-                   help="unroll the chained calls (straight-line program instead of a while loop)")
+    p.add_argument("--num-recv-sms", type=int,
+                   help="backend cuda: Buffer(num_recv_sms=...) for the expert layout (default: "
+                        "the Buffer's)")
+    p.add_argument("--unroll", action=argparse.BooleanOptionalAction, default=True,
+                   help="chain the calls straight-line (default) or in a lax.fori_loop "
+                        "(--no-unroll; on GPUs every iteration then adds a host round trip)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: CPU smoke run")
     args = p.parse_args()
     for k, v in (QUICK if args.quick else FULL).items():

@@ -18,8 +18,8 @@ def _cuda_kernels_available() -> bool:
     return _ffi.HAS_CUDA_EXTENSION and hasattr(_ffi.extension(), "create_workspace")
 
 
-# Flags and counts at the head of every workspace (ep_kernels.h: kStagingOffset).
-SIGNAL_BYTES = 100352
+# Flags, counts and pointers at the head of every workspace.
+SIGNAL_BYTES = 329984  # xla_ffi/ep_kernels.h kSignalBytes
 
 
 def _align16(n: int) -> int:
@@ -42,6 +42,9 @@ class Buffer:
       checked: make invalid expert ids and dropped rows checkify errors (wrap the caller in
         jax.experimental.checkify.checkify).
       num_sms: blocks (one per SM) every CUDA kernel runs on (None = all SMs, at most 256).
+      num_recv_sms: of those, the blocks an expert-layout dispatch devotes to receiving: they
+        expand each arriving row into its expert rows while the others push (None = half;
+        0 = every block pushes first and receives after).
       max_tokens_per_rank, hidden, num_topk: backend "cuda": the largest call the workspace must
         hold (T, H, K); "auto" uses "cuda" only when they are given.
       timeout_s: backend "cuda": bound of every wait on a peer (default: env JAX_EP_TIMEOUT_S or
@@ -52,6 +55,7 @@ class Buffer:
 
     def __init__(self, mesh: Mesh, axis_name: str = "ep", *, backend: str = "auto",
                  checked: bool = False, num_sms: Optional[int] = None,
+                 num_recv_sms: Optional[int] = None,
                  max_tokens_per_rank: Optional[int] = None, hidden: Optional[int] = None,
                  num_topk: Optional[int] = None, timeout_s: Optional[float] = None):
         if not isinstance(mesh, Mesh):
@@ -77,22 +81,25 @@ class Buffer:
                                  "max_tokens_per_rank, hidden and num_topk")
         if num_sms is not None and num_sms < 1:
             raise ValueError(f"num_sms must be >= 1, got {num_sms}")
+        if num_recv_sms is not None and not (
+                0 <= num_recv_sms and (num_sms is None or num_recv_sms < num_sms)):
+            raise ValueError(f"num_recv_sms must be in [0, num_sms), got {num_recv_sms}")
         self.mesh = mesh
         self.axis_name = axis_name
         self.num_ranks = int(mesh.shape[axis_name])
         self.backend = backend
         self.checked = bool(checked)
-        self.num_sms = num_sms
+        self.num_sms, self.num_recv_sms = num_sms, num_recv_sms
         self.max_tokens_per_rank = max_tokens_per_rank
         self.hidden, self.num_topk = hidden, num_topk
         self.workspace_id = 0
         self._closed = False
         if backend == "cuda":
             self._create_workspace(mesh, axis_name, max_tokens_per_rank, hidden, num_topk,
-                                   num_sms, timeout_s)
+                                   num_sms, num_recv_sms, timeout_s)
 
     def _create_workspace(self, mesh, axis_name, max_tokens, hidden, num_topk, num_sms,
-                          timeout_s):
+                          num_recv_sms, timeout_s):
         devices = np.asarray(mesh.devices)
         axis = list(mesh.axis_names).index(axis_name)
         groups = np.moveaxis(devices, axis, -1).reshape(-1, self.num_ranks)
@@ -100,13 +107,17 @@ class Buffer:
             raise NotImplementedError("backend 'cuda' drives the GPUs of one process only")
         if num_sms is None:
             num_sms = min(getattr(groups[0, 0], "core_count", 132) or 132, 256)
+        if num_recv_sms is None:
+            num_recv_sms = num_sms // 2
+        if num_recv_sms >= num_sms:
+            raise ValueError(f"num_recv_sms must be in [0, num_sms={num_sms}), got {num_recv_sms}")
         if timeout_s is None:
             timeout_s = float(os.environ.get("JAX_EP_TIMEOUT_S", "60"))
         self.slot_bytes = slot_bytes_for(hidden, num_topk)
         self.workspace_id = _ffi.extension().create_workspace(
             [[int(d.local_hardware_id) for d in g] for g in groups], int(max_tokens),
-            int(self.slot_bytes), int(num_sms), int(timeout_s * 1e9))
-        self.num_sms = num_sms
+            int(self.slot_bytes), int(num_sms), int(num_recv_sms), int(timeout_s * 1e9))
+        self.num_sms, self.num_recv_sms = num_sms, num_recv_sms
 
     def check_fits(self, num_tokens: int, hidden: int, num_topk: int) -> None:
         """Trace-time check that a call fits the workspace of backend "cuda" (else ValueError)."""
@@ -139,7 +150,9 @@ class Buffer:
             raise ValueError(f"num_experts ({num_experts}) must be a multiple of num_ranks "
                              f"({num_ranks})")
         del dtype
-        return SIGNAL_BYTES + num_ranks * max_tokens_per_rank * slot_bytes_for(hidden, num_topk)
+        flags = -(-num_ranks * max_tokens_per_rank * 8 // 256) * 256  # an arrival flag per slot
+        return (SIGNAL_BYTES + flags
+                + num_ranks * max_tokens_per_rank * slot_bytes_for(hidden, num_topk))
 
     def close(self) -> None:
         """Frees the device workspace (nothing to free for the xla backend). Idempotent."""

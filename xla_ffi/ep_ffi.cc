@@ -67,12 +67,15 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
   const int64_t num_tokens = dims[0], num_topk = dims[1];
   const int num_ranks = slot->num_ranks;
   if (num_topk > kMaxTopk) return Invalid("dispatch: top-k above 32 is not supported");
-  if (num_experts % num_ranks || num_experts / num_ranks > kMaxLocalExperts) {
-    return Invalid("dispatch: experts per rank must divide evenly and be <= 1024");
+  if (num_experts % num_ranks || num_experts / num_ranks > kMaxLocalExperts ||
+      num_experts > kMaxExperts) {
+    return Invalid("dispatch: experts per rank must divide evenly and be <= " +
+                   std::to_string(kMaxLocalExperts) + ", experts <= " +
+                   std::to_string(kMaxExperts));
   }
   const int64_t num_scales = scales.dimensions().size() == 2 ? scales.dimensions()[1] : 0;
   const size_t x_row_bytes = num_tokens ? x.size_bytes() / num_tokens : 0;
-  const size_t slot_bytes = DispatchSlotBytes(x_row_bytes, int(num_scales), int(num_topk));
+  const size_t slot_bytes = DispatchSlotBytes(int(num_topk));
   if (auto err = CheckSlot(*ws, slot_bytes, send_capacity); err.failure()) return err;
 
   DispatchArgs a{};
@@ -94,6 +97,7 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
   a.expert_alignment = int(expert_alignment);
   a.send_capacity = int(send_capacity);
   a.expert_layout = expert_layout;
+  a.num_recv_blocks = expert_layout ? ws->config().num_recv_blocks : 0;
   a.recv_x = static_cast<uint8_t*>(recv_x->untyped_data());
   a.recv_scales = num_scales ? static_cast<float*>(recv_scales->untyped_data()) : nullptr;
   a.recv_topk_idx = recv_topk_idx->typed_data();

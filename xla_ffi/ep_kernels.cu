@@ -111,7 +111,7 @@ __device__ void WaitAllSent(const CommArgs& c, int op) {
 }
 
 __device__ __forceinline__ uint8_t* Slot(const CommArgs& c, int owner, int src, size_t slot) {
-  return c.peer_ws[owner] + kStagingOffset + (size_t(src) * c.slots_per_rank + slot) * c.slot_stride;
+  return c.peer_ws[owner] + c.staging_offset + (size_t(src) * c.slots_per_rank + slot) * c.slot_stride;
 }
 
 // ------------------------------------------------------------------ warp-wide row copies
@@ -144,8 +144,28 @@ __device__ __forceinline__ void WarpZero(uint8_t* dst, size_t nbytes, int lane) 
   for (size_t i = lane; i < nbytes / sizeof(V); i += 32) d[i] = z;
 }
 
-__device__ __forceinline__ void WarpCopyWords(float* dst, const float* src, int n, int lane) {
-  for (int i = lane; i < n; i += 32) dst[i] = __ldcg(src + i);
+// Copies the row at src (written during this kernel: read past L1) to dst_of(k) for every set
+// bit k of `rows`, reading it once (dst_of may shuffle: the loop is warp-uniform).
+template <typename V, typename DstOf>
+__device__ __forceinline__ void WarpCopyToRows(unsigned rows, DstOf dst_of, const uint8_t* src,
+                                               size_t nbytes, int lane) {
+  constexpr int kUnroll = 4;
+  const size_t n = nbytes / sizeof(V);
+  const V* s = reinterpret_cast<const V*>(src);
+  for (size_t i0 = 0; i0 < n; i0 += 32 * kUnroll) {
+    V v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (i0 + 32 * u + lane < n) v[u] = __ldcg(s + i0 + 32 * u + lane);
+    }
+    for (unsigned m = rows; m; m &= m - 1) {
+      V* d = reinterpret_cast<V*>(dst_of(__ffs(m) - 1));
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (i0 + 32 * u + lane < n) d[i0 + 32 * u + lane] = v[u];
+      }
+    }
+  }
 }
 
 template <typename T>
@@ -153,57 +173,132 @@ __device__ __forceinline__ T LoadStaged(const uint8_t* p, int index) {
   return __ldcg(reinterpret_cast<const T*>(p) + index);
 }
 
-// Slot layout of a dispatch: [x row | scales | topk idx | topk weights | pos_in_src].
+// Staging slot of an expert-layout dispatch: one token's routing metadata (the row itself goes
+// straight to the receiver's output): [topk idx | topk weights | pos_in_src], K entries each.
 struct DispatchSlot {
-  size_t scales_off, idx_off, w_off, pos_off;
-  __host__ __device__ DispatchSlot(size_t x_row_bytes, int num_scales, int num_topk) {
-    scales_off = Align16(x_row_bytes);
-    idx_off = scales_off + Align16(size_t(num_scales) * 4);
-    w_off = idx_off + size_t(num_topk) * 4;
-    pos_off = w_off + size_t(num_topk) * 4;
-  }
-  __host__ __device__ size_t bytes(int num_topk) const { return Align16(pos_off + num_topk * 4); }
+  size_t idx_off, w_off, pos_off;
+  __host__ __device__ explicit DispatchSlot(int num_topk)
+      : idx_off(0), w_off(size_t(num_topk) * 4), pos_off(size_t(num_topk) * 8) {}
+  __host__ __device__ static size_t bytes(int num_topk) { return Align16(size_t(num_topk) * 12); }
 };
+
+// Arrival flag of (source rank src, slot) in rank owner's workspace.
+__device__ __forceinline__ uint64_t* SlotFlag(const CommArgs& c, int owner, int src, int slot) {
+  return reinterpret_cast<uint64_t*>(c.peer_ws[owner] + c.flags_offset) +
+         size_t(src) * c.slots_per_rank + slot;
+}
+
+// The SM split of a kernel with receive-only blocks: blocks [0, num_send) send, the rest
+// receive. Without receive-only blocks every block sends first and receives after (senders
+// never wait on receivers, so this cannot deadlock).
+struct Roles {
+  bool sender, receiver;
+  int swarp, num_swarps, rwarp, num_rwarps;  // this warp's index / warp count in each role
+  __device__ explicit Roles(int num_recv_blocks) {
+    const int num_send = gridDim.x - num_recv_blocks, warp = threadIdx.x / 32;
+    sender = int(blockIdx.x) < num_send;
+    receiver = !sender || num_recv_blocks == 0;
+    swarp = blockIdx.x * kWarps + warp, num_swarps = num_send * kWarps;
+    rwarp = (num_recv_blocks ? blockIdx.x - num_send : blockIdx.x) * kWarps + warp;
+    num_rwarps = (num_recv_blocks ? num_recv_blocks : gridDim.x) * kWarps;
+  }
+};
+
+__device__ __forceinline__ int CountAt(const int32_t* counts, int src, int column) {
+  return __ldcg(counts + size_t(src) * kCountStride + column);
+}
+
+// Expert-layout tables every block derives from the counts all ranks published:
+//   base[e]   row, on the rank of global expert e, of my first slot naming e: the padded start
+//             of e's group there plus the rows of e from lower source ranks
+//   start[j]  padded group offsets on this rank, j = 0..L (start[L] = rows incl. padding)
+//   total[j]  rows of my local expert j from all sources
+__device__ void ExpertTables(const CommArgs& c, const int32_t* counts, int num_local, int alignment,
+                             int* base, int* start, int* total) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int num_ranks = c.num_ranks, num_experts = num_ranks * num_local;
+  for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
+    int before = 0;
+    for (int q = 0; q < c.rank; ++q) before += CountAt(counts, q, kMaxRanks + e);
+    base[e] = before;
+  }
+  __syncthreads();
+  for (int d = warp; d < num_ranks; d += kWarps) {  // a warp scans rank d's groups
+    int carry = 0;
+    for (int j0 = 0; j0 < num_local; j0 += 32) {
+      const int j = j0 + lane, e = d * num_local + j;
+      int all = 0;
+      if (j < num_local) {
+        for (int q = 0; q < num_ranks; ++q) all += CountAt(counts, q, kMaxRanks + e);
+      }
+      const int padded = (all + alignment - 1) / alignment * alignment;
+      int incl = padded;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int n = __shfl_up_sync(kFull, incl, o);
+        if (lane >= o) incl += n;
+      }
+      if (j < num_local) {
+        base[e] += carry + incl - padded;
+        if (d == c.rank) start[j] = carry + incl - padded, total[j] = all;
+      }
+      carry += __shfl_sync(kFull, incl, 31);
+    }
+    if (d == c.rank && lane == 0) start[num_local] = carry;
+  }
+  __syncthreads();
+}
 
 // ------------------------------------------------------------------ dispatch
 
 template <typename V>
 __global__ void __launch_bounds__(kThreads, 1) DispatchKernel(CommArgs c, DispatchArgs a) {
-  // Expert layout: padded group offsets [E_local + 1], then rows per local expert [E_local].
+  // Expert layout: base [E] | start [L + 1] | total [L]; token layout: rows per expert [L].
   extern __shared__ int smem[];
   __shared__ int s_kept, s_all;
-  __shared__ int s_count[kMaxRanks], s_offset[kMaxRanks + 1];
+  __shared__ int s_count[kMaxRanks], s_offset[kMaxRanks + 1], s_dst_offset[kMaxRanks];
+  __shared__ uint64_t s_dst_ptr[kMaxRanks][kNumPtrs];
   const int lane = threadIdx.x % 32;
-  const int gwarp = blockIdx.x * kWarps + threadIdx.x / 32, num_gwarps = gridDim.x * kWarps;
   const int num_ranks = c.num_ranks, rank = c.rank, num_topk = a.num_topk;
   const int num_local = a.num_local_experts, cap = a.recv_capacity, s_cap = a.send_capacity;
-  const DispatchSlot layout(a.x_row_bytes, a.num_scales, num_topk);
+  const bool expert = a.expert_layout;
+  const size_t row_bytes = a.x_row_bytes;
+  // SM split (expert layout): senders push, receivers expand each row as it lands.
+  const Roles roles(a.num_recv_blocks);
+  const bool sender = roles.sender, receiver = roles.receiver;
+  const int swarp = roles.swarp, num_swarps = roles.num_swarps;
+  const int rwarp = roles.rwarp, num_rwarps = roles.num_rwarps;
+  int* base = smem;
+  int* start = smem + a.num_experts;
+  int* total = start + num_local + 1;
+  int* hist = smem;  // token layout: this block's count of stored rows per local expert
+  if (!expert) {
+    for (int j = threadIdx.x; j < num_local; j += blockDim.x) hist[j] = 0;
+  }
 
   EntryBarrier(c, kOpDispatch);
 
-  // Counts first: tokens and per-expert slots for every peer, then wait for everyone's, so each
-  // source's slots can be laid out as soon as that source's data has landed.
-  const bool direct = !a.expert_layout;  // token layout: rows go straight to the outputs
+  // Block 0 publishes my routing counts (tokens per rank, per expert) and output pointers to
+  // every peer; everyone waits for all of them, then derives its offsets locally.
   if (blockIdx.x == 0) {
-    for (int q = threadIdx.x; q < num_ranks * (1 + num_local); q += blockDim.x) {
-      const int d = q / (1 + num_local), j = q % (1 + num_local);
-      const int v = j == 0 ? a.tokens_per_rank[d] : a.tokens_per_expert[d * num_local + j - 1];
-      reinterpret_cast<int32_t*>(c.peer_ws[d] + kCountsOffset)[size_t(rank) * kCountStride + j] = v;
+    const int row_len = num_ranks + a.num_experts;
+    for (int q = threadIdx.x; q < num_ranks * row_len; q += blockDim.x) {
+      const int d = q / row_len, j = q % row_len;
+      int32_t* row = reinterpret_cast<int32_t*>(c.peer_ws[d] + kCountsOffset) +
+                     size_t(rank) * kCountStride;
+      if (j < num_ranks) {
+        row[j] = a.tokens_per_rank[j];
+      } else {
+        row[kMaxRanks + j - num_ranks] = a.tokens_per_expert[j - num_ranks];
+      }
     }
-    if (direct) {
-      for (int q = threadIdx.x; q < num_ranks * num_ranks; q += blockDim.x) {
-        const int d = q / num_ranks, e = q % num_ranks;
-        reinterpret_cast<int32_t*>(c.peer_ws[d] + kMatrixOffset)[rank * kMaxRanks + e] =
-            a.tokens_per_rank[e];
-      }
-      if (threadIdx.x < num_ranks) {
-        uint64_t* ptrs = reinterpret_cast<uint64_t*>(c.peer_ws[threadIdx.x] + kPtrOffset) +
-                         rank * kNumPtrs;
-        ptrs[0] = reinterpret_cast<uint64_t>(a.recv_x);
-        ptrs[1] = reinterpret_cast<uint64_t>(a.recv_scales);
-        ptrs[2] = reinterpret_cast<uint64_t>(a.recv_topk_idx);
-        ptrs[3] = reinterpret_cast<uint64_t>(a.recv_topk_weights);
-      }
+    if (threadIdx.x < num_ranks) {
+      uint64_t* ptrs = reinterpret_cast<uint64_t*>(c.peer_ws[threadIdx.x] + kPtrOffset) +
+                       rank * kNumPtrs;
+      ptrs[0] = reinterpret_cast<uint64_t>(a.recv_x);
+      ptrs[1] = reinterpret_cast<uint64_t>(a.recv_scales);
+      ptrs[2] = reinterpret_cast<uint64_t>(a.recv_topk_idx);
+      ptrs[3] = reinterpret_cast<uint64_t>(a.recv_topk_weights);
     }
     __syncthreads();
     if (threadIdx.x < num_ranks) {
@@ -215,187 +310,195 @@ __global__ void __launch_bounds__(kThreads, 1) DispatchKernel(CommArgs c, Dispat
     WaitFlag(PeerFlag(c, rank, kCountsFlagOffset, threadIdx.x), c, kOpDispatch, kPhaseCounts,
              threadIdx.x);
   }
-  __shared__ int s_dst_offset[kMaxRanks];  // direct: my first row on each destination
-  __shared__ uint64_t s_dst_ptr[kMaxRanks][kNumPtrs];
-  if (direct && threadIdx.x < num_ranks) {
+  // Thread q acquired only rank q's flag; the barrier extends every acquire to all threads.
+  __syncthreads();
+  const int32_t* counts = reinterpret_cast<const int32_t*>(c.peer_ws[rank] + kCountsOffset);
+  if (threadIdx.x < num_ranks) {
     const int d = threadIdx.x;
-    const int32_t* matrix = reinterpret_cast<const int32_t*>(c.peer_ws[rank] + kMatrixOffset);
-    int before = 0;
-    for (int q = 0; q < rank; ++q) before += __ldcg(matrix + q * kMaxRanks + d);
+    int before = 0;  // my first row on rank d (token layout)
+    for (int q = 0; q < rank; ++q) before += CountAt(counts, q, d);
     s_dst_offset[d] = before;
-    const uint64_t* ptrs = reinterpret_cast<const uint64_t*>(c.peer_ws[rank] + kPtrOffset);
+    s_count[d] = CountAt(counts, d, rank);  // tokens rank d routes to me
+    const auto* ptrs = reinterpret_cast<const unsigned long long*>(c.peer_ws[rank] + kPtrOffset);
     for (int q = 0; q < kNumPtrs; ++q) s_dst_ptr[d][q] = __ldcg(ptrs + d * kNumPtrs + q);
   }
+  if (expert) ExpertTables(c, counts, num_local, a.expert_alignment, base, start, total);
   __syncthreads();
-
-  // Push: one warp per token; the row crosses NVLink once per destination rank.
-  for (int t = gwarp; t < a.num_tokens; t += num_gwarps) {
-    const int my_slot = lane < num_ranks ? a.send_pos[size_t(t) * num_ranks + lane] : -1;
-    unsigned dests = __ballot_sync(kFull, my_slot >= 0);
-    while (dests) {
-      const int d = __ffs(dests) - 1;
-      dests &= dests - 1;
-      const int slot = __shfl_sync(kFull, my_slot, d);
-      if (direct) {  // straight into rank d's outputs, at this token's final row
-        const int row = s_dst_offset[d] + slot;
-        if (row >= cap) continue;  // dropped: counted by the receiver
-        WarpCopy<V, true>(reinterpret_cast<uint8_t*>(s_dst_ptr[d][0]) + size_t(row) * a.x_row_bytes,
-                          a.x + size_t(t) * a.x_row_bytes, a.x_row_bytes, lane);
-        for (int q = lane; q < a.num_scales; q += 32) {
-          reinterpret_cast<float*>(s_dst_ptr[d][1])[size_t(row) * a.num_scales + q] =
-              a.scales[size_t(t) * a.num_scales + q];
-        }
-        if (lane < num_topk) {
-          const size_t tk = size_t(t) * num_topk + lane, rk = size_t(row) * num_topk + lane;
-          const int j = a.topk_idx[tk] - d * num_local;
-          const bool local = j >= 0 && j < num_local;
-          reinterpret_cast<int32_t*>(s_dst_ptr[d][2])[rk] = local ? j : -1;
-          reinterpret_cast<float*>(s_dst_ptr[d][3])[rk] = local ? a.topk_weights[tk] : 0.f;
-        }
-        continue;
-      }
-      uint8_t* dst = Slot(c, d, rank, slot);
-      WarpCopy<V, true>(dst, a.x + size_t(t) * a.x_row_bytes, a.x_row_bytes, lane);
-      if (a.num_scales) {
-        WarpCopyWords(reinterpret_cast<float*>(dst + layout.scales_off),
-                      a.scales + size_t(t) * a.num_scales, a.num_scales, lane);
-      }
-      if (lane < num_topk) {
-        const size_t tk = size_t(t) * num_topk + lane;
-        reinterpret_cast<int32_t*>(dst + layout.idx_off)[lane] = a.topk_idx[tk];
-        reinterpret_cast<float*>(dst + layout.w_off)[lane] = a.topk_weights[tk];
-        reinterpret_cast<int32_t*>(dst + layout.pos_off)[lane] = a.pos_in_src[tk];
-      }
-    }
-  }
-  SignalSent(c);
-
-  // Receive side: counts from every source, then offsets.
-  const int32_t* counts = reinterpret_cast<const int32_t*>(c.peer_ws[rank] + kCountsOffset);
   if (threadIdx.x == 0) {
     int acc = 0;
-    for (int s = 0; s < num_ranks; ++s) {
-      s_count[s] = __ldcg(counts + size_t(s) * kCountStride);
-      s_offset[s] = acc;
-      acc += s_count[s];
-    }
+    for (int s = 0; s < num_ranks; ++s) s_offset[s] = acc, acc += s_count[s];
     s_offset[num_ranks] = acc;
   }
-  if (a.expert_layout && threadIdx.x < 32) {  // warp 0: padded group offsets (exclusive scan)
-    int carry = 0;
-    for (int base = 0; base < num_local; base += 32) {
-      const int j = base + lane;
-      int v = 0;
-      if (j < num_local) {
-        for (int s = 0; s < num_ranks; ++s) v += __ldcg(counts + size_t(s) * kCountStride + 1 + j);
-        smem[num_local + 1 + j] = v;
-        v = (v + a.expert_alignment - 1) / a.expert_alignment * a.expert_alignment;
-      }
-      int incl = v;
-      for (int o = 1; o < 32; o <<= 1) {
-        const int n = __shfl_up_sync(kFull, incl, o);
-        if (lane >= o) incl += n;
-      }
-      if (j < num_local) smem[j] = carry + incl - v;
-      carry += __shfl_sync(kFull, incl, 31);
-    }
-    if (lane == 0) smem[num_local] = carry;
-  }
   __syncthreads();
+  const int num_rows_used = expert ? start[num_local] : s_offset[num_ranks];
 
-  const size_t row_bytes = a.x_row_bytes;
-  for (int step = 0; step < num_ranks; ++step) {
-    const int s = (rank + step) % num_ranks;  // own slots first: they land earliest
-    WaitSentFrom(c, kOpDispatch, s);
-    const int num_in = min(s_count[s], s_cap);
-    for (int i = gwarp; i < s_cap; i += num_gwarps) {
-      const size_t src_slot = size_t(s) * s_cap + i;
-      const uint8_t* slot = Slot(c, rank, s, i);
-      if (direct) {  // the row already sits in recv_x: only the bookkeeping is left
-        const int row = s_offset[s] + i;
-        const bool stored = i < num_in && row < cap;
-        if (lane == 0) a.recv_rows[src_slot] = stored ? row : cap;
-        if (!stored) continue;
-        if (lane < num_topk) {
-          const int j = __ldcg(a.recv_topk_idx + size_t(row) * num_topk + lane);
-          if (j >= 0) atomicAdd(a.num_tokens_per_expert + j, 1);
+  // Receivers first clear the rows no data will reach (token layout: the tail; expert layout:
+  // group padding and the tail), while the data is in flight.
+  if (receiver) {
+    for (int row = rwarp; row < cap; row += num_rwarps) {
+      bool empty = row >= num_rows_used;
+      if (!empty && expert) {
+        int lo = 0, hi = num_local - 1;  // last group starting at or before row
+        while (lo < hi) {
+          const int mid = (lo + hi + 1) / 2;
+          if (start[mid] <= row) lo = mid; else hi = mid - 1;
         }
-        if (lane == 0) a.row_src[row] = int(src_slot);
-        continue;
+        empty = row >= start[lo] + total[lo];
       }
-      // Expert layout: one row per (slot, local expert); the copies are local.
-      int row = cap;
-      if (i < num_in && lane < num_topk) {
-        const int j = LoadStaged<int32_t>(slot + layout.idx_off, lane) -
-                      rank * num_local;
-        if (j >= 0 && j < num_local) {
-          int before = 0;  // rows of this expert from lower source ranks
-          for (int q = 0; q < s; ++q) before += __ldcg(counts + size_t(q) * kCountStride + 1 + j);
-          const int r = smem[j] + before + LoadStaged<int32_t>(slot + layout.pos_off, lane);
-          if (r < cap) {
-            row = r;
-            a.recv_topk_idx[row] = j;
-            a.recv_topk_weights[row] = LoadStaged<float>(slot + layout.w_off, lane);
-            a.row_src[row] = int(src_slot);
+      if (!empty) continue;
+      WarpZero<V>(a.recv_x + size_t(row) * row_bytes, row_bytes, lane);
+      for (int q = lane; q < a.num_scales; q += 32) a.recv_scales[size_t(row) * a.num_scales + q] = 0.f;
+      const int idx_width = expert ? 1 : num_topk;
+      if (lane < idx_width) {
+        a.recv_topk_idx[size_t(row) * idx_width + lane] = -1;
+        a.recv_topk_weights[size_t(row) * idx_width + lane] = 0.f;
+      }
+      if (lane == 0) a.row_src[row] = -1;
+    }
+  }
+
+  // Push: one warp per token; the row crosses NVLink once per destination rank, straight to
+  // its final row there (expert layout: the row of its first expert on that rank).
+  if (sender) {
+    const DispatchSlot meta(num_topk);
+    for (int t = swarp; t < a.num_tokens; t += num_swarps) {
+      const int my_slot = lane < num_ranks ? a.send_pos[size_t(t) * num_ranks + lane] : -1;
+      for (unsigned dests = __ballot_sync(kFull, my_slot >= 0); dests; dests &= dests - 1) {
+        const int d = __ffs(dests) - 1;
+        const int slot = __shfl_sync(kFull, my_slot, d);
+        const size_t tk = size_t(t) * num_topk + lane;
+        int row = cap, e = -1, pos = 0;
+        float w = 0.f;
+        if (!expert) {
+          row = min(s_dst_offset[d] + slot, cap);  // beyond capacity: dropped, counted there
+        } else if (lane < num_topk) {
+          e = a.topk_idx[tk], w = a.topk_weights[tk], pos = a.pos_in_src[tk];
+          const int j = e - d * num_local;
+          if (j >= 0 && j < num_local) row = min(base[e] + pos, cap);
+        }
+        const unsigned stored = __ballot_sync(kFull, row < cap);
+        if (stored) {
+          const int first = __shfl_sync(kFull, row, __ffs(stored) - 1);
+          WarpCopy<V, true>(reinterpret_cast<uint8_t*>(s_dst_ptr[d][0]) + size_t(first) * row_bytes,
+                            a.x + size_t(t) * row_bytes, row_bytes, lane);
+          for (int q = lane; q < a.num_scales; q += 32) {
+            reinterpret_cast<float*>(s_dst_ptr[d][1])[size_t(first) * a.num_scales + q] =
+                a.scales[size_t(t) * a.num_scales + q];
           }
         }
+        if (!expert) {
+          if (stored && lane < num_topk) {
+            const int j = a.topk_idx[tk] - d * num_local;
+            const bool local = j >= 0 && j < num_local;
+            const size_t rk = size_t(row) * num_topk + lane;
+            reinterpret_cast<int32_t*>(s_dst_ptr[d][2])[rk] = local ? j : -1;
+            reinterpret_cast<float*>(s_dst_ptr[d][3])[rk] = local ? a.topk_weights[tk] : 0.f;
+          }
+          continue;
+        }
+        uint8_t* dst = Slot(c, d, rank, slot);
+        if (lane < num_topk) {
+          reinterpret_cast<int32_t*>(dst + meta.idx_off)[lane] = e;
+          reinterpret_cast<float*>(dst + meta.w_off)[lane] = w;
+          reinterpret_cast<int32_t*>(dst + meta.pos_off)[lane] = pos;
+        }
+        __syncwarp();  // the lanes' stores precede lane 0's release (cumulativity)
+        if (lane == 0) StoreRelease(SlotFlag(c, d, rank, slot), c.epoch);
       }
-      if (lane < num_topk) a.recv_rows[src_slot * num_topk + lane] = row;
-      unsigned rows = __ballot_sync(kFull, row < cap);
-      while (rows) {
-        const int k = __ffs(rows) - 1;
-        rows &= rows - 1;
-        const int r = __shfl_sync(kFull, row, k);
-        WarpCopy<V, false>(a.recv_x + size_t(r) * row_bytes, slot, row_bytes, lane);
+    }
+    if (!expert) SignalSent(c);
+  }
+
+  if (receiver) {
+    const DispatchSlot meta(num_topk);
+    for (int step = 0; step < num_ranks; ++step) {
+      const int s = (rank + step) % num_ranks;  // own slots first: they land earliest
+      const int num_in = min(s_count[s], s_cap);
+      if (!expert) {  // the rows already sit in recv_x: only the bookkeeping is left
+        WaitSentFrom(c, kOpDispatch, s);
+        for (int i = rwarp; i < s_cap; i += num_rwarps) {
+          const size_t src_slot = size_t(s) * s_cap + i;
+          const int row = s_offset[s] + i;
+          const bool stored = i < num_in && row < cap;
+          if (lane == 0) a.recv_rows[src_slot] = stored ? row : cap;
+          if (!stored) continue;
+          if (lane < num_topk) {
+            const int j = __ldcg(a.recv_topk_idx + size_t(row) * num_topk + lane);
+            if (j >= 0) atomicAdd(hist + j, 1);
+          }
+          if (lane == 0) a.row_src[row] = int(src_slot);
+        }
+        continue;
+      }
+      // Expert layout: as each slot lands, write its rows' metadata and copy its row from the
+      // first expert row (where the sender put it) into the others; all copies are local.
+      for (int i = rwarp; i < s_cap; i += num_rwarps) {
+        const size_t src_slot = size_t(s) * s_cap + i;
+        if (i >= num_in) {
+          if (lane < num_topk) a.recv_rows[src_slot * num_topk + lane] = cap;
+          continue;
+        }
+        if (lane == 0) WaitFlag(SlotFlag(c, rank, s, i), c, kOpDispatch, kPhaseSent, s);
+        __syncwarp();
+        const uint8_t* slot = Slot(c, rank, s, i);
+        int row = cap;
+        if (lane < num_topk) {
+          const int e = LoadStaged<int32_t>(slot + meta.idx_off, lane);
+          const int j = e - rank * num_local;
+          if (j >= 0 && j < num_local) {
+            int before = 0;  // rows of this expert from lower source ranks
+            for (int q = 0; q < s; ++q) before += CountAt(counts, q, kMaxRanks + e);
+            const int r = start[j] + before + LoadStaged<int32_t>(slot + meta.pos_off, lane);
+            if (r < cap) {
+              row = r;
+              a.recv_topk_idx[row] = j;
+              a.recv_topk_weights[row] = LoadStaged<float>(slot + meta.w_off, lane);
+              a.row_src[row] = int(src_slot);
+            }
+          }
+          a.recv_rows[src_slot * num_topk + lane] = row;
+        }
+        unsigned rows = __ballot_sync(kFull, row < cap);
+        if (!rows) continue;
+        const int first = __shfl_sync(kFull, row, __ffs(rows) - 1);
+        rows &= rows - 1;  // the others
+        WarpCopyToRows<V>(
+            rows,
+            [&](int k) { return a.recv_x + size_t(__shfl_sync(kFull, row, k)) * row_bytes; },
+            a.recv_x + size_t(first) * row_bytes, row_bytes, lane);
         if (a.num_scales) {
-          WarpCopyWords(a.recv_scales + size_t(r) * a.num_scales,
-                        reinterpret_cast<const float*>(slot + layout.scales_off), a.num_scales, lane);
+          WarpCopyToRows<int>(
+              rows,
+              [&](int k) {
+                return reinterpret_cast<uint8_t*>(a.recv_scales +
+                                                  size_t(__shfl_sync(kFull, row, k)) * a.num_scales);
+              },
+              reinterpret_cast<const uint8_t*>(a.recv_scales + size_t(first) * a.num_scales),
+              size_t(a.num_scales) * 4, lane);
         }
       }
     }
   }
 
-  // Rows holding no data: zeros / -1 (token layout: the tail; expert layout: padding + tail).
-  const int total = s_offset[num_ranks];
-  const int row_idx_width = a.expert_layout ? 1 : num_topk;
-  for (int row = gwarp; row < cap; row += num_gwarps) {
-    bool empty;
-    if (!a.expert_layout) {
-      empty = row >= total;
-    } else if (row >= smem[num_local]) {
-      empty = true;
-    } else {
-      int lo = 0, hi = num_local - 1;  // last group starting at or before row
-      while (lo < hi) {
-        const int mid = (lo + hi + 1) / 2;
-        if (smem[mid] <= row) lo = mid; else hi = mid - 1;
-      }
-      empty = row >= smem[lo] + smem[num_local + 1 + lo];
+  if (!expert) {  // one global atomic per (block, expert) instead of one per row
+    __syncthreads();
+    for (int j = threadIdx.x; j < num_local; j += blockDim.x) {
+      if (hist[j]) atomicAdd(a.num_tokens_per_expert + j, hist[j]);
     }
-    if (!empty) continue;
-    WarpZero<V>(a.recv_x + size_t(row) * row_bytes, row_bytes, lane);
-    for (int q = lane; q < a.num_scales; q += 32) a.recv_scales[size_t(row) * a.num_scales + q] = 0.f;
-    if (lane < row_idx_width) {
-      a.recv_topk_idx[size_t(row) * row_idx_width + lane] = -1;
-      a.recv_topk_weights[size_t(row) * row_idx_width + lane] = 0.f;
-    }
-    if (lane == 0) a.row_src[row] = -1;
   }
-
   if (blockIdx.x != 0) return;
   if (threadIdx.x == 0) s_kept = 0, s_all = 0;
   __syncthreads();
-  if (!a.expert_layout) {
-    if (threadIdx.x == 0) s_all = total, s_kept = min(total, cap);
+  if (!expert) {
+    if (threadIdx.x == 0) s_all = num_rows_used, s_kept = min(num_rows_used, cap);
   } else {
     for (int j = threadIdx.x; j < num_local; j += blockDim.x) {
-      const int count = smem[num_local + 1 + j];
-      const int room = max(cap - smem[j], 0);
-      const int kept = min(count, room);
+      const int room = max(cap - start[j], 0);
+      const int kept = min(total[j], room);
       a.num_tokens_per_expert[j] = kept;
-      a.group_sizes[j] = min(smem[j + 1] - smem[j], room);
+      a.group_sizes[j] = min(start[j + 1] - start[j], room);
       atomicAdd(&s_kept, kept);
-      atomicAdd(&s_all, count);
+      atomicAdd(&s_all, total[j]);
     }
   }
   __syncthreads();
@@ -457,103 +560,140 @@ __device__ __forceinline__ void StoreF32(E* p, const float (&f)[kPack]) {
   *reinterpret_cast<Pack<E, kPack>*>(p) = pk;
 }
 
+// out[0, width) = sum over the set bits i of `from`, in increasing order, of
+// weight_of(i) * row_of(i)[0, width), in float32 (kU packs in flight per lane; a weight of 1
+// is exact). Rows are read past L1: peers or this kernel wrote them, or they live on a peer.
+template <typename E, int kPack, typename RowOf, typename WeightOf>
+__device__ __forceinline__ void SumRows(unsigned from, RowOf row_of, WeightOf weight_of, int width,
+                                        E* out, int lane) {
+  constexpr int kU = 4;
+  for (int e0 = 0; e0 < width; e0 += 32 * kPack * kU) {  // warp-uniform: row_of may shuffle
+    float acc[kU][kPack];
+#pragma unroll
+    for (int u = 0; u < kU; ++u)
+#pragma unroll
+      for (int q = 0; q < kPack; ++q) acc[u][q] = 0.f;
+    for (unsigned m = from; m; m &= m - 1) {
+      const E* row = row_of(__ffs(m) - 1);
+      const float w = weight_of(__ffs(m) - 1);
+      float f[kU][kPack];
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int e = e0 + (u * 32 + lane) * kPack;
+        if (e < width) LoadStagedF32<E, kPack>(row + e, f[u]);
+      }
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        if (e0 + (u * 32 + lane) * kPack >= width) continue;
+#pragma unroll
+        for (int q = 0; q < kPack; ++q) acc[u][q] = __fadd_rn(acc[u][q], __fmul_rn(w, f[u][q]));
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int e = e0 + (u * 32 + lane) * kPack;
+      if (e < width) StoreF32<E, kPack>(out + e, acc[u]);
+    }
+  }
+}
+
+// Token-layout combine (kReturnRows): every rank pulls its tokens' rows straight from the peers'
+// y and sums them; no staging. Each rank publishes (y, first row of peer x's tokens in y) before
+// the entry barrier, and an exit barrier keeps y alive until every peer has read it.
 template <typename E, int kPack>
-__global__ void __launch_bounds__(kThreads, 1) ReturnKernel(CommArgs c, ReturnArgs a) {
-  using P = Pack<E, kPack>;
-  constexpr int kU = 4;  // packs in flight per lane
+__global__ void __launch_bounds__(kThreads, 1) PullRowsKernel(CommArgs c, ReturnArgs a) {
+  __shared__ const E* s_rows[kMaxRanks];
+  __shared__ int s_first[kMaxRanks];
   const int lane = threadIdx.x % 32;
   const int gwarp = blockIdx.x * kWarps + threadIdx.x / 32, num_gwarps = gridDim.x * kWarps;
+  const int num_ranks = c.num_ranks, rank = c.rank, width = a.width, cap = a.recv_capacity;
+  const size_t parity = c.epoch & 1;  // a peer may publish for the next call while I read
+  if (blockIdx.x == 0 && threadIdx.x < num_ranks) {  // published by the entry flag's thread
+    const int x = threadIdx.x;
+    int first = 0;
+    for (int q = 0; q < x; ++q) first += a.recv_count[q];
+    uint64_t* slot = reinterpret_cast<uint64_t*>(c.peer_ws[x] + kPullOffset) +
+                     (parity * kMaxRanks + rank) * 2;
+    slot[0] = reinterpret_cast<uint64_t>(a.y);
+    slot[1] = uint64_t(first);
+  }
+  EntryBarrier(c, kOpCombine);
+  if (threadIdx.x < num_ranks) {
+    const auto* slot = reinterpret_cast<const unsigned long long*>(c.peer_ws[rank] + kPullOffset) +
+                       (parity * kMaxRanks + threadIdx.x) * 2;
+    s_rows[threadIdx.x] = reinterpret_cast<const E*>(__ldcg(slot));
+    s_first[threadIdx.x] = int(__ldcg(slot + 1));
+  }
+  __syncthreads();
+
+  for (int t = gwarp; t < a.num_tokens; t += num_gwarps) {
+    const int my_slot = lane < num_ranks ? a.send_pos[size_t(t) * num_ranks + lane] : -1;
+    const int my_row = my_slot >= 0 ? s_first[lane] + my_slot : cap;  // >= cap: dropped there
+    const unsigned from = __ballot_sync(kFull, my_row < cap);
+    SumRows<E, kPack>(
+        from,
+        [&](int d) { return s_rows[d] + size_t(__shfl_sync(kFull, my_row, d)) * width; },
+        [](int) { return 1.f; }, width, static_cast<E*>(a.out) + size_t(t) * width, lane);
+  }
+
+  // Exit barrier: this block is done reading; wait until the peers' same block is too.
+  __syncthreads();
+  if (threadIdx.x < num_ranks) {
+    StoreRelease(PeerFlag(c, threadIdx.x, kDoneOffset, size_t(rank) * kMaxBlocks + blockIdx.x),
+                 c.epoch);
+    WaitFlag(PeerFlag(c, rank, kDoneOffset, size_t(threadIdx.x) * kMaxBlocks + blockIdx.x), c,
+             kOpCombine, kPhaseDone, threadIdx.x);
+  }
+}
+
+// Expert-layout combine family (kReturnWeighted, kReturnGatherK): every block first pushes one
+// value per received slot into the source's staging and raises the slot's arrival flag, then
+// sums its tokens' values over ranks as soon as they have landed (no grid-wide wait). The push
+// (the weighted sums) is the heavy half, so no SM is kept from it: an SM split measured slower
+// (EP2: 461-530 us against 417 us without one).
+template <typename E, int kPack>
+__global__ void __launch_bounds__(kThreads, 1) ReturnKernel(CommArgs c, ReturnArgs a) {
+  const int lane = threadIdx.x % 32;
   const int num_ranks = c.num_ranks, rank = c.rank, num_topk = a.num_topk;
   const int cap = a.recv_capacity, s_cap = a.send_capacity, width = a.width;
   const E* y = static_cast<const E*>(a.y);
+  const Roles roles(0);
 
   EntryBarrier(c, kOpCombine);
 
-  // Push: a value row per received slot back to its source rank.
-  for (int s = 0; s < num_ranks; ++s) {
-    const int num_in = min(a.recv_count[s], s_cap);
-    for (int i = gwarp; i < num_in; i += num_gwarps) {
-      const size_t src_slot = size_t(s) * s_cap + i;
-      uint8_t* dst = Slot(c, s, rank, i);
-      if (a.mode == kReturnGatherK) {
-        if (lane < num_topk) {
-          const int row = a.recv_rows[src_slot * num_topk + lane];
-          reinterpret_cast<float*>(dst)[lane] =
-              row < cap ? reinterpret_cast<const float*>(a.y)[row] : 0.f;
-        }
-        continue;
-      }
-      int my_row = cap;
-      float my_w = 1.f;
-      if (a.mode == kReturnRows) {
-        my_row = a.recv_rows[src_slot];
-      } else if (lane < num_topk) {
-        my_row = a.recv_rows[src_slot * num_topk + lane];
-        if (a.row_weights != nullptr && my_row < cap) my_w = a.row_weights[my_row];
-      }
-      if (a.mode == kReturnRows) {  // a plain row copy, kU 16-byte packs in flight per lane
-        const int row = __shfl_sync(kFull, my_row, 0);
-        const E* src = y + size_t(row) * width;
-        for (int e0 = 0; e0 < width; e0 += 32 * kPack * kU) {
-          P v[kU];
-#pragma unroll
-          for (int u = 0; u < kU; ++u) {
-            const int e = e0 + (u * 32 + lane) * kPack;
-            if (e < width && row < cap) {
-              v[u] = *reinterpret_cast<const P*>(src + e);
-            } else {
-#pragma unroll
-              for (int q = 0; q < kPack; ++q) v[u].v[q] = FromF32<E>(0.f);
-            }
+  if (roles.sender) {
+    for (int s = 0; s < num_ranks; ++s) {
+      const int num_in = min(a.recv_count[s], s_cap);
+      for (int i = roles.swarp; i < num_in; i += roles.num_swarps) {
+        const size_t src_slot = size_t(s) * s_cap + i;
+        uint8_t* dst = Slot(c, s, rank, i);
+        const int my_row = lane < num_topk ? a.recv_rows[src_slot * num_topk + lane] : cap;
+        if (a.mode == kReturnGatherK) {
+          if (lane < num_topk) {
+            reinterpret_cast<float*>(dst)[lane] =
+                my_row < cap ? reinterpret_cast<const float*>(a.y)[my_row] : 0.f;
           }
-#pragma unroll
-          for (int u = 0; u < kU; ++u) {
-            const int e = e0 + (u * 32 + lane) * kPack;
-            if (e < width) *reinterpret_cast<P*>(reinterpret_cast<E*>(dst) + e) = v[u];
-          }
+        } else {
+          const float my_w = a.row_weights != nullptr && my_row < cap ? a.row_weights[my_row] : 1.f;
+          SumRows<E, kPack>(
+              __ballot_sync(kFull, my_row < cap),
+              [&](int k) { return y + size_t(__shfl_sync(kFull, my_row, k)) * width; },
+              [&](int k) { return __shfl_sync(kFull, my_w, k); }, width, reinterpret_cast<E*>(dst),
+              lane);
         }
-        continue;
-      }
-      const unsigned present = __ballot_sync(kFull, lane < num_topk && my_row < cap);
-      for (int e0 = 0; e0 < width; e0 += 32 * kPack * kU) {  // warp-uniform: shuffles below
-        float acc[kU][kPack];
-#pragma unroll
-        for (int u = 0; u < kU; ++u)
-#pragma unroll
-          for (int q = 0; q < kPack; ++q) acc[u][q] = 0.f;
-        for (unsigned m = present; m; m &= m - 1) {  // k in increasing order
-          const int k = __ffs(m) - 1;
-          const int row = __shfl_sync(kFull, my_row, k);
-          const float w = __shfl_sync(kFull, my_w, k);
-          float f[kU][kPack];
-#pragma unroll
-          for (int u = 0; u < kU; ++u) {
-            const int e = e0 + (u * 32 + lane) * kPack;
-            if (e < width) LoadF32<E, kPack>(y + size_t(row) * width + e, f[u]);
-          }
-#pragma unroll
-          for (int u = 0; u < kU; ++u) {
-            if (e0 + (u * 32 + lane) * kPack >= width) continue;
-#pragma unroll
-            for (int q = 0; q < kPack; ++q) acc[u][q] = __fadd_rn(acc[u][q], __fmul_rn(w, f[u][q]));
-          }
-        }
-#pragma unroll
-        for (int u = 0; u < kU; ++u) {
-          const int e = e0 + (u * 32 + lane) * kPack;
-          if (e < width) StoreF32<E, kPack>(reinterpret_cast<E*>(dst) + e, acc[u]);
-        }
+        __syncwarp();  // the lanes' stores precede lane 0's release (cumulativity)
+        if (lane == 0) StoreRelease(SlotFlag(c, s, rank, i), c.epoch);
       }
     }
   }
-  SignalSent(c);
-  WaitAllSent(c, kOpCombine);
+  if (!roles.receiver) return;
 
-  // Reduce: out[t] = sum over ranks d (in order) of the row d returned, float32.
-  const int out_width = a.mode == kReturnGatherK ? num_topk : width;
-  for (int t = gwarp; t < a.num_tokens; t += num_gwarps) {
+  // out[t] = sum over ranks d (in order) of the value d returned, float32.
+  for (int t = roles.rwarp; t < a.num_tokens; t += roles.num_rwarps) {
     const int my_slot = lane < num_ranks ? a.send_pos[size_t(t) * num_ranks + lane] : -1;
     const unsigned from = __ballot_sync(kFull, my_slot >= 0);
+    if (my_slot >= 0) WaitFlag(SlotFlag(c, rank, lane, my_slot), c, kOpCombine, kPhaseSent, lane);
+    __syncwarp();
     if (a.mode == kReturnGatherK) {
       float acc = 0.f;
       for (unsigned m = from; m; m &= m - 1) {
@@ -566,34 +706,12 @@ __global__ void __launch_bounds__(kThreads, 1) ReturnKernel(CommArgs c, ReturnAr
       if (lane < num_topk) static_cast<float*>(a.out)[size_t(t) * num_topk + lane] = acc;
       continue;
     }
-    for (int e0 = 0; e0 < out_width; e0 += 32 * kPack * kU) {  // warp-uniform: shuffles below
-      float acc[kU][kPack];
-#pragma unroll
-      for (int u = 0; u < kU; ++u)
-#pragma unroll
-        for (int q = 0; q < kPack; ++q) acc[u][q] = 0.f;
-      for (unsigned m = from; m; m &= m - 1) {  // ranks in increasing order
-        const int d = __ffs(m) - 1;
-        const E* row = reinterpret_cast<const E*>(Slot(c, rank, d, __shfl_sync(kFull, my_slot, d)));
-        float f[kU][kPack];
-#pragma unroll
-        for (int u = 0; u < kU; ++u) {
-          const int e = e0 + (u * 32 + lane) * kPack;
-          if (e < out_width) LoadStagedF32<E, kPack>(row + e, f[u]);
-        }
-#pragma unroll
-        for (int u = 0; u < kU; ++u) {
-          if (e0 + (u * 32 + lane) * kPack >= out_width) continue;
-#pragma unroll
-          for (int q = 0; q < kPack; ++q) acc[u][q] = __fadd_rn(acc[u][q], f[u][q]);
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kU; ++u) {
-        const int e = e0 + (u * 32 + lane) * kPack;
-        if (e < out_width) StoreF32<E, kPack>(static_cast<E*>(a.out) + size_t(t) * width + e, acc[u]);
-      }
-    }
+    SumRows<E, kPack>(
+        from,
+        [&](int d) {
+          return reinterpret_cast<const E*>(Slot(c, rank, d, __shfl_sync(kFull, my_slot, d)));
+        },
+        [](int) { return 1.f; }, width, static_cast<E*>(a.out) + size_t(t) * width, lane);
   }
 }
 
@@ -674,19 +792,28 @@ __global__ void __launch_bounds__(kRankThreads) SlotRanksKernel(const int32_t* t
 
 __global__ void __launch_bounds__(kThreads, 1) PeerCopyKernel(CommArgs c, PeerCopyArgs a) {
   EntryBarrier(c, kOpPeerCopy);
-  // Chunks of 512 bytes per warp, interleaved over destinations so every link stays busy.
-  const size_t chunks = a.block_bytes / 512, tail = a.block_bytes % 512;
+  // Chunks of 2 KiB per warp (4 16-byte loads in flight per lane), interleaved over the
+  // destinations so every link stays busy (benchmarks/nvlink_probe.cu measured the variants).
+  constexpr int kChunk = 2048;
+  const size_t chunks = a.block_bytes / kChunk, tail = a.block_bytes % kChunk;
   const int gwarp = blockIdx.x * kWarps + threadIdx.x / 32, num_gwarps = gridDim.x * kWarps;
   const int lane = threadIdx.x % 32;
-  for (size_t q = gwarp; q < chunks * c.num_ranks; q += num_gwarps) {
-    const int d = int(q % c.num_ranks);
-    if (d == c.rank && !a.include_self) continue;
-    const size_t off = (q / c.num_ranks) * 512 + lane * 16;
-    const int4 v = __ldg(reinterpret_cast<const int4*>(a.src + d * a.block_bytes + off));
-    *reinterpret_cast<int4*>(Slot(c, d, c.rank, 0) + off) = v;
+  // Only the destinations actually copied take turns (skipping one inside the loop would idle
+  // every warp whose index has its parity).
+  const int num_dst = a.include_self ? c.num_ranks : c.num_ranks - 1;
+  for (size_t q = gwarp; q < chunks * num_dst; q += num_gwarps) {
+    const int d = a.include_self ? int(q % num_dst) : (c.rank + 1 + int(q % num_dst)) % c.num_ranks;
+    const size_t off = (q / num_dst) * kChunk + lane * 16;
+    const int4* src = reinterpret_cast<const int4*>(a.src + d * a.block_bytes + off);
+    int4* dst = reinterpret_cast<int4*>(Slot(c, d, c.rank, 0) + off);
+    int4 v[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) v[u] = __ldg(src + u * 32);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) dst[u * 32] = v[u];
   }
   if (tail && gwarp < c.num_ranks && (gwarp != c.rank || a.include_self)) {
-    const size_t base = chunks * 512;
+    const size_t base = chunks * kChunk;
     WarpCopy<int4, true>(Slot(c, gwarp, c.rank, 0) + base, a.src + gwarp * a.block_bytes + base,
                          tail, lane);
   }
@@ -704,7 +831,8 @@ int VecBytes(size_t row_bytes) {
 
 template <typename V>
 cudaError_t LaunchDispatchV(const CommArgs& c, const DispatchArgs& a, cudaStream_t stream) {
-  const size_t smem = sizeof(int) * (2 * a.num_local_experts + 1);
+  const size_t smem = sizeof(int) * (a.expert_layout ? a.num_experts + 2 * a.num_local_experts + 1
+                                                     : a.num_local_experts);
   DispatchKernel<V><<<c.num_blocks, kThreads, smem, stream>>>(c, a);
   return cudaGetLastError();
 }
@@ -719,11 +847,9 @@ template <typename E>
 cudaError_t LaunchReturnE(const CommArgs& c, const ReturnArgs& a, cudaStream_t stream) {
   constexpr int kPack = 16 / sizeof(E);
   const bool vec = a.mode != kReturnGatherK && a.width % kPack == 0;
-  if (vec) {
-    ReturnKernel<E, kPack><<<c.num_blocks, kThreads, 0, stream>>>(c, a);
-  } else {
-    ReturnKernel<E, 1><<<c.num_blocks, kThreads, 0, stream>>>(c, a);
-  }
+  auto kernel = a.mode == kReturnRows ? (vec ? PullRowsKernel<E, kPack> : PullRowsKernel<E, 1>)
+                                      : (vec ? ReturnKernel<E, kPack> : ReturnKernel<E, 1>);
+  kernel<<<c.num_blocks, kThreads, 0, stream>>>(c, a);
   return cudaGetLastError();
 }
 
@@ -756,12 +882,15 @@ cudaError_t PreloadKernels() {
   touch(ReturnKernel<float, 4>), touch(ReturnKernel<float, 1>);
   touch(ReturnKernel<__nv_bfloat16, 8>), touch(ReturnKernel<__nv_bfloat16, 1>);
   touch(ReturnKernel<__half, 8>), touch(ReturnKernel<__half, 1>), touch(PeerCopyKernel);
+  touch(PullRowsKernel<float, 4>), touch(PullRowsKernel<float, 1>);
+  touch(PullRowsKernel<__nv_bfloat16, 8>), touch(PullRowsKernel<__nv_bfloat16, 1>);
+  touch(PullRowsKernel<__half, 8>), touch(PullRowsKernel<__half, 1>);
   touch(SlotRanksKernel);
   return err;
 }
 
-size_t DispatchSlotBytes(size_t x_row_bytes, int num_scales, int num_topk) {
-  return DispatchSlot(x_row_bytes, num_scales, num_topk).bytes(num_topk);
+size_t DispatchSlotBytes(int num_topk) {
+  return DispatchSlot::bytes(num_topk);
 }
 
 size_t ReturnSlotBytes(int width, ElemType elem, ReturnMode mode, int num_topk) {

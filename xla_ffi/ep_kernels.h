@@ -1,17 +1,28 @@
 // Intranode (NVLink) dispatch/combine kernels: plain CUDA, no XLA types.
 //
 // One process drives every GPU of the EP group. Each rank owns a workspace (cudaMalloc'ed at
-// Buffer creation, peer access enabled): a signal area peers write flags and counts into, and a
-// staging area of [num_ranks][slots_per_rank] slots peers push rows into. A call is one epoch:
-//   entry barrier (peers finished the previous call, so staging is free) -> [dispatch: counts to
-//   every peer, wait for everyone's counts] -> push my rows into the peers' staging over NVLink
-//   -> per-block "sent" flags -> per source (own first), wait for its flags and lay its slots
-//   out locally while the other sources' data is still arriving.
-// The token-layout dispatch skips the staging: receivers publish their output pointers with the
-// counts and senders write each row at its final place. This needs XLA's buffers to be reachable
-// from peers, true for its default allocator (cudaMalloc'ed arenas + peer access enabled here).
-// Every wait is bounded: on timeout the kernel records rank/phase/peer in host-mapped memory,
-// prints it and traps, so the process fails instead of hanging.
+// Buffer creation, peer access enabled): a signal area peers write flags, counts and pointers
+// into, one arrival flag per (source rank, slot), and a staging area of [num_ranks][slots] slots.
+// A call is one epoch: entry barrier (peers finished the previous call, so staging is free) ->
+// [dispatch: every rank's routing counts and output pointers to every peer] -> data -> bounded
+// waits for what this rank needs. The two dispatch layouts and combine move data like this:
+//   token layout   senders write each row straight into the receivers' outputs at its final
+//                  row (the counts of all ranks give every sender its offsets), then per-block
+//                  "sent" flags; receivers only do bookkeeping.
+//   expert layout  senders write the row once per destination, at the row of its first expert
+//                  there, plus the routing metadata into the receiver's staging slot, and raise
+//                  that slot's arrival flag; the receiver's own blocks (an SM split) expand the
+//                  row into its other experts' rows while the rest is still arriving.
+//   combine        token layout: every rank pulls its tokens' rows from the peers' expert
+//                  outputs and sums them (no staging), then an exit barrier keeps each rank's
+//                  inputs alive until all peers have read them. Expert layout: every rank pushes
+//                  one weighted partial row per received slot into the source's staging and
+//                  raises that slot's arrival flag; the source sums each token's partials over
+//                  ranks as soon as they have landed.
+// Peer-written XLA buffers need XLA's default allocator (cudaMalloc'ed arenas, reachable once
+// peer access is enabled here). Every wait is bounded: on timeout the kernel records
+// rank/phase/peer in host-mapped memory, prints it and traps, so the process fails instead of
+// hanging.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -24,24 +35,26 @@ namespace jax_ep {
 constexpr int kMaxRanks = 16;
 constexpr int kMaxBlocks = 256;
 constexpr int kMaxLocalExperts = 1024;
+constexpr int kMaxExperts = 4096;
 constexpr int kMaxTopk = 32;
-constexpr int kCountStride = 1 + kMaxLocalExperts;  // [tokens, per local expert...]
+constexpr int kCountStride = kMaxRanks + kMaxExperts;  // [tokens per rank..., per expert...]
+constexpr int kNumPtrs = 4;  // dispatch outputs peers write into: recv_x, scales, topk idx, weights
 
 // Byte offsets inside every rank's workspace (identical on all ranks).
 constexpr size_t kEntryOffset = 0;                                          // u64 [kMaxRanks]
 constexpr size_t kCountsFlagOffset = 128;                                   // u64 [kMaxRanks]
 constexpr size_t kSentOffset = 256;                                         // u64 [R][kMaxBlocks]
-constexpr size_t kCountsOffset = kSentOffset + 8ull * kMaxRanks * kMaxBlocks;  // i32 [R][stride]
-// Token-layout dispatch writes rows straight into the receivers' outputs: every rank publishes
-// the routing matrix row (tokens it sends to each rank) and its output pointers to every peer.
-constexpr size_t kMatrixOffset = kCountsOffset + 4ull * kMaxRanks * kCountStride;  // i32 [R][R]
-constexpr size_t kPtrOffset = kMatrixOffset + 4ull * kMaxRanks * kMaxRanks;  // u64 [R][kNumPtrs]
-constexpr int kNumPtrs = 4;  // recv_x, recv_scales, recv_topk_idx, recv_topk_weights
-constexpr size_t kStagingOffset = (kPtrOffset + 8ull * kMaxRanks * kNumPtrs + 255) / 256 * 256;
-static_assert(kStagingOffset == 100352, "keep jax_ep/buffer.py SIGNAL_BYTES in sync");
+constexpr size_t kDoneOffset = kSentOffset + 8ull * kMaxRanks * kMaxBlocks;  // u64 [R][kMaxBlocks]
+// Routing counts of every source rank (all of its tokens per rank and per expert).
+constexpr size_t kCountsOffset = kDoneOffset + 8ull * kMaxRanks * kMaxBlocks;  // i32 [R][stride]
+constexpr size_t kPtrOffset = kCountsOffset + 4ull * kMaxRanks * kCountStride;  // u64 [R][kNumPtrs]
+// Combine pull: per epoch parity, every peer's (rows pointer, first row of my tokens there).
+constexpr size_t kPullOffset = kPtrOffset + 8ull * kMaxRanks * kNumPtrs;  // u64 [2][R][2]
+constexpr size_t kSignalBytes = (kPullOffset + 8ull * 2 * kMaxRanks * 2 + 255) / 256 * 256;
+static_assert(kSignalBytes == 329984, "keep jax_ep/buffer.py SIGNAL_BYTES in sync");
 
 // Phases named in timeout reports.
-enum Phase : int { kPhaseEntry = 1, kPhaseSent = 2, kPhaseCounts = 3 };
+enum Phase : int { kPhaseEntry = 1, kPhaseSent = 2, kPhaseCounts = 3, kPhaseDone = 4 };
 enum Op : int { kOpDispatch = 1, kOpCombine = 2, kOpBroadcast = 3, kOpPeerCopy = 4 };
 
 struct ErrorRecord {  // host-mapped; written by a kernel that timed out
@@ -53,6 +66,8 @@ struct ErrorRecord {  // host-mapped; written by a kernel that timed out
 
 struct CommArgs {
   uint8_t* peer_ws[kMaxRanks];  // every rank's workspace base (peer-accessible)
+  size_t flags_offset;      // u64 [R][slots_per_rank] arrival flags, after the signal area
+  size_t staging_offset;    // staging slots, after the flags
   int rank;
   int num_ranks;
   uint64_t epoch;           // strictly increasing per call, equal on every rank
@@ -79,6 +94,7 @@ struct DispatchArgs {
   int num_tokens, num_topk, num_experts, num_local_experts;
   int recv_capacity, expert_alignment, send_capacity;
   bool expert_layout;
+  int num_recv_blocks;        // expert layout: blocks that only receive (the SM split)
   // Outputs (recv_capacity rows C; S = send_capacity).
   uint8_t* recv_x;            // [C, x_row_bytes]
   float* recv_scales;         // [C, num_scales] or nullptr
@@ -93,10 +109,11 @@ struct DispatchArgs {
   int32_t* recv_count;        // [R] tokens each source routed here
 };
 
-// Combine family: every rank produces one value row per received slot and pushes it back to
-// the slot's source, which sums the rows over ranks in rank order in float32.
+// Combine family: every rank produces one value row per received slot for the slot's source,
+// which sums the rows over ranks in rank order in float32. kReturnRows pulls the rows from the
+// peers; the other modes push them into the source's staging.
 enum ReturnMode : int {
-  kReturnRows = 0,      // value = y[recv_rows[s, i]]                  (token layout)
+  kReturnRows = 0,      // value = y[recv_rows[s, i]] = y[first row of s + i] (token layout)
   kReturnWeighted = 1,  // value = sum_k w[row_k] * y[row_k] (w = 1 if null) (expert layout)
   kReturnGatherK = 2,   // value[k] = y[row_k] for scalar rows y [C]     (expert layout weights)
 };
@@ -149,7 +166,7 @@ cudaError_t LaunchPeerCopy(const CommArgs& comm, const PeerCopyArgs& args, cudaS
 cudaError_t PreloadKernels();
 
 // Bytes of one staging slot for each op (16-byte aligned pieces).
-size_t DispatchSlotBytes(size_t x_row_bytes, int num_scales, int num_topk);
+size_t DispatchSlotBytes(int num_topk);
 size_t ReturnSlotBytes(int width, ElemType elem, ReturnMode mode, int num_topk);
 
 }  // namespace jax_ep

@@ -27,10 +27,16 @@ struct DeviceGuard {
 
 }  // namespace
 
+size_t Workspace::flags_bytes() const {
+  size_t max_ranks = 0;
+  for (const auto& g : config_.groups) max_ranks = std::max(max_ranks, g.size());
+  return (max_ranks * config_.slots_per_rank * 8 + 255) / 256 * 256;
+}
+
 size_t Workspace::bytes_per_device() const {
   size_t max_ranks = 0;
   for (const auto& g : config_.groups) max_ranks = std::max(max_ranks, g.size());
-  return kStagingOffset + max_ranks * config_.slots_per_rank * config_.slot_bytes;
+  return kSignalBytes + flags_bytes() + max_ranks * config_.slots_per_rank * config_.slot_bytes;
 }
 
 std::unique_ptr<Workspace> Workspace::Create(const WorkspaceConfig& config, std::string* error) {
@@ -38,6 +44,10 @@ std::unique_ptr<Workspace> Workspace::Create(const WorkspaceConfig& config, std:
   DeviceGuard guard;
   if (config.num_blocks < 1 || config.num_blocks > kMaxBlocks) {
     *error = "jax_ep: num_sms must be in [1, " + std::to_string(kMaxBlocks) + "]";
+    return nullptr;
+  }
+  if (config.num_recv_blocks < 0 || config.num_recv_blocks >= config.num_blocks) {
+    *error = "jax_ep: num_recv_sms must be in [0, num_sms)";
     return nullptr;
   }
   for (const auto& group : config.groups) {
@@ -79,7 +89,7 @@ std::unique_ptr<Workspace> Workspace::Create(const WorkspaceConfig& config, std:
       }
       ws->ordinals_.push_back(dev);
       ws->bases_.push_back(base);
-      if (cudaError_t e = cudaMemset(base, 0, kStagingOffset); e != cudaSuccess) {
+      if (cudaError_t e = cudaMemset(base, 0, kSignalBytes + ws->flags_bytes()); e != cudaSuccess) {
         *error = CudaMessage("cudaMemset", dev, e);
         return nullptr;
       }
@@ -168,6 +178,8 @@ CommArgs Workspace::Comm(DeviceSlot& slot, size_t slot_stride) {
   c.timeout_ns = config_.timeout_ns;
   c.slots_per_rank = config_.slots_per_rank;
   c.slot_stride = slot_stride;
+  c.flags_offset = kSignalBytes;
+  c.staging_offset = kSignalBytes + flags_bytes();
   c.error = error_;
   c.num_blocks = config_.num_blocks;
   return c;

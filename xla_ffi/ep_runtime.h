@@ -26,6 +26,7 @@ struct WorkspaceConfig {
   size_t slots_per_rank = 0;             // staging slots reserved per source rank
   size_t slot_bytes = 0;                 // largest staging slot
   int num_blocks = 0;                    // grid of every kernel (<= SMs, <= kMaxBlocks)
+  int num_recv_blocks = 0;               // expert-layout dispatch: receive-only blocks
   uint64_t timeout_ns = 0;
 };
 
@@ -39,6 +40,7 @@ class Workspace {
   DeviceSlot* Device(int ordinal);
   const WorkspaceConfig& config() const { return config_; }
   size_t bytes_per_device() const;
+  size_t flags_bytes() const;  // arrival flags [R][slots_per_rank] u64, after the signal area
   // "" when no kernel reported a timeout, else the report.
   std::string ErrorMessage() const;
   CommArgs Comm(DeviceSlot& slot, size_t slot_stride);

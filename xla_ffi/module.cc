@@ -46,16 +46,16 @@ NB_MODULE(_jax_ep_cuda, m) {
   m.def(
       "create_workspace",
       [](std::vector<std::vector<int>> groups, size_t slots_per_rank, size_t slot_bytes,
-         int num_blocks, uint64_t timeout_ns) {
+         int num_blocks, int num_recv_blocks, uint64_t timeout_ns) {
         jax_ep::WorkspaceConfig config{std::move(groups), slots_per_rank, slot_bytes, num_blocks,
-                                       timeout_ns};
+                                       num_recv_blocks, timeout_ns};
         std::string error;
         auto ws = jax_ep::Workspace::Create(config, &error);
         if (ws == nullptr) throw std::runtime_error(error);
         return jax_ep::RegisterWorkspace(std::move(ws));
       },
       nb::arg("groups"), nb::arg("slots_per_rank"), nb::arg("slot_bytes"), nb::arg("num_blocks"),
-      nb::arg("timeout_ns"),
+      nb::arg("num_recv_blocks"), nb::arg("timeout_ns"),
       "Allocates the EP workspaces (groups: device ordinals of each EP group in rank order), "
       "enables peer access and loads the kernels; returns the workspace id.");
   m.def("release_workspace", &jax_ep::ReleaseWorkspace, nb::arg("id"),
