@@ -144,9 +144,9 @@ __device__ __forceinline__ void WarpZero(uint8_t* dst, size_t nbytes, int lane) 
   for (size_t i = lane; i < nbytes / sizeof(V); i += 32) d[i] = z;
 }
 
-// Copies the row at src (written during this kernel: read past L1) to dst_of(k) for every set
-// bit k of `rows`, reading it once (dst_of may shuffle: the loop is warp-uniform).
-template <typename V, typename DstOf>
+// Copies the row at src to dst_of(k) for every set bit k of `rows`, reading it once (dst_of
+// may shuffle: the loop is warp-uniform). kReadOnly as in WarpCopy.
+template <typename V, bool kReadOnly, typename DstOf>
 __device__ __forceinline__ void WarpCopyToRows(unsigned rows, DstOf dst_of, const uint8_t* src,
                                                size_t nbytes, int lane) {
   constexpr int kUnroll = 4;
@@ -156,7 +156,7 @@ __device__ __forceinline__ void WarpCopyToRows(unsigned rows, DstOf dst_of, cons
     V v[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      if (i0 + 32 * u + lane < n) v[u] = __ldcg(s + i0 + 32 * u + lane);
+      if (i0 + 32 * u + lane < n) v[u] = kReadOnly ? __ldg(s + i0 + 32 * u + lane) : __ldcg(s + i0 + 32 * u + lane);
     }
     for (unsigned m = rows; m; m &= m - 1) {
       V* d = reinterpret_cast<V*>(dst_of(__ffs(m) - 1));
@@ -358,52 +358,67 @@ __global__ void __launch_bounds__(kThreads, 1) DispatchKernel(CommArgs c, Dispat
   }
 
   // Push: one warp per token; the row crosses NVLink once per destination rank, straight to
-  // its final row there (expert layout: the row of its first expert on that rank).
+  // its final row there (expert layout: the row of its first expert on that rank). The row is
+  // read once and stored to every destination.
   if (sender) {
     const DispatchSlot meta(num_topk);
     for (int t = swarp; t < a.num_tokens; t += num_swarps) {
       const int my_slot = lane < num_ranks ? a.send_pos[size_t(t) * num_ranks + lane] : -1;
-      for (unsigned dests = __ballot_sync(kFull, my_slot >= 0); dests; dests &= dests - 1) {
-        const int d = __ffs(dests) - 1;
+      const unsigned dests = __ballot_sync(kFull, my_slot >= 0);
+      const size_t tk = size_t(t) * num_topk + lane;
+      int e = -1, pos = 0;
+      float w = 0.f;
+      if (lane < num_topk) {
+        e = a.topk_idx[tk], w = a.topk_weights[tk];
+        if (expert) pos = a.pos_in_src[tk];
+      }
+      int my_row = cap;  // lane d: where the row goes on rank d (cap: nowhere)
+      for (unsigned m = dests; m; m &= m - 1) {  // destination rows and routing metadata
+        const int d = __ffs(m) - 1;
         const int slot = __shfl_sync(kFull, my_slot, d);
-        const size_t tk = size_t(t) * num_topk + lane;
-        int row = cap, e = -1, pos = 0;
-        float w = 0.f;
+        const int j = e - d * num_local;
+        const bool local = lane < num_topk && j >= 0 && j < num_local;
+        int row = cap;
         if (!expert) {
           row = min(s_dst_offset[d] + slot, cap);  // beyond capacity: dropped, counted there
-        } else if (lane < num_topk) {
-          e = a.topk_idx[tk], w = a.topk_weights[tk], pos = a.pos_in_src[tk];
-          const int j = e - d * num_local;
-          if (j >= 0 && j < num_local) row = min(base[e] + pos, cap);
-        }
-        const unsigned stored = __ballot_sync(kFull, row < cap);
-        if (stored) {
-          const int first = __shfl_sync(kFull, row, __ffs(stored) - 1);
-          WarpCopy<V, true>(reinterpret_cast<uint8_t*>(s_dst_ptr[d][0]) + size_t(first) * row_bytes,
-                            a.x + size_t(t) * row_bytes, row_bytes, lane);
-          for (int q = lane; q < a.num_scales; q += 32) {
-            reinterpret_cast<float*>(s_dst_ptr[d][1])[size_t(first) * a.num_scales + q] =
-                a.scales[size_t(t) * a.num_scales + q];
-          }
-        }
-        if (!expert) {
-          if (stored && lane < num_topk) {
-            const int j = a.topk_idx[tk] - d * num_local;
-            const bool local = j >= 0 && j < num_local;
+          if (row < cap && lane < num_topk) {
             const size_t rk = size_t(row) * num_topk + lane;
             reinterpret_cast<int32_t*>(s_dst_ptr[d][2])[rk] = local ? j : -1;
-            reinterpret_cast<float*>(s_dst_ptr[d][3])[rk] = local ? a.topk_weights[tk] : 0.f;
+            reinterpret_cast<float*>(s_dst_ptr[d][3])[rk] = local ? w : 0.f;
           }
-          continue;
+        } else {
+          const int row_k = local ? min(base[e] + pos, cap) : cap;
+          const unsigned stored = __ballot_sync(kFull, row_k < cap);
+          if (stored) row = __shfl_sync(kFull, row_k, __ffs(stored) - 1);
+          uint8_t* dst = Slot(c, d, rank, slot);
+          if (lane < num_topk) {
+            reinterpret_cast<int32_t*>(dst + meta.idx_off)[lane] = e;
+            reinterpret_cast<float*>(dst + meta.w_off)[lane] = w;
+            reinterpret_cast<int32_t*>(dst + meta.pos_off)[lane] = pos;
+          }
         }
-        uint8_t* dst = Slot(c, d, rank, slot);
-        if (lane < num_topk) {
-          reinterpret_cast<int32_t*>(dst + meta.idx_off)[lane] = e;
-          reinterpret_cast<float*>(dst + meta.w_off)[lane] = w;
-          reinterpret_cast<int32_t*>(dst + meta.pos_off)[lane] = pos;
-        }
-        __syncwarp();  // the lanes' stores precede lane 0's release (cumulativity)
-        if (lane == 0) StoreRelease(SlotFlag(c, d, rank, slot), c.epoch);
+        if (lane == d) my_row = row;
+      }
+      const unsigned copies = __ballot_sync(kFull, my_row < cap);
+      auto dst_row = [&](int d, int q) {  // q: row bytes / scale index
+        return size_t(__shfl_sync(kFull, my_row, d)) * q;
+      };
+      WarpCopyToRows<V, true>(
+          copies,
+          [&](int d) { return reinterpret_cast<uint8_t*>(s_dst_ptr[d][0]) + dst_row(d, int(row_bytes)); },
+          a.x + size_t(t) * row_bytes, row_bytes, lane);
+      if (a.num_scales) {
+        WarpCopyToRows<int, true>(
+            copies,
+            [&](int d) {
+              return reinterpret_cast<uint8_t*>(s_dst_ptr[d][1]) + dst_row(d, a.num_scales * 4);
+            },
+            reinterpret_cast<const uint8_t*>(a.scales + size_t(t) * a.num_scales),
+            size_t(a.num_scales) * 4, lane);
+      }
+      if (expert) {
+        __syncwarp();  // every lane's stores precede the releases (cumulativity)
+        if (my_slot >= 0) StoreRelease(SlotFlag(c, lane, rank, my_slot), c.epoch);
       }
     }
     if (!expert) SignalSent(c);
@@ -462,12 +477,12 @@ __global__ void __launch_bounds__(kThreads, 1) DispatchKernel(CommArgs c, Dispat
         if (!rows) continue;
         const int first = __shfl_sync(kFull, row, __ffs(rows) - 1);
         rows &= rows - 1;  // the others
-        WarpCopyToRows<V>(
+        WarpCopyToRows<V, false>(
             rows,
             [&](int k) { return a.recv_x + size_t(__shfl_sync(kFull, row, k)) * row_bytes; },
             a.recv_x + size_t(first) * row_bytes, row_bytes, lane);
         if (a.num_scales) {
-          WarpCopyToRows<int>(
+          WarpCopyToRows<int, false>(
               rows,
               [&](int k) {
                 return reinterpret_cast<uint8_t*>(a.recv_scales +
@@ -530,16 +545,9 @@ struct alignas(sizeof(E) * kPack) Pack {  // aligned: one 16-byte access, not kP
   E v[kPack];
 };
 
+// kPack elements read past L1 (peers or this kernel wrote them, or they live on a peer).
 template <typename E, int kPack>
-__device__ __forceinline__ void LoadF32(const E* p, float (&f)[kPack]) {
-  Pack<E, kPack> pk = *reinterpret_cast<const Pack<E, kPack>*>(p);
-#pragma unroll
-  for (int u = 0; u < kPack; ++u) f[u] = ToF32(pk.v[u]);
-}
-
-// The same for staging that peers wrote during this kernel: read past L1.
-template <typename E, int kPack>
-__device__ __forceinline__ void LoadStagedF32(const E* p, float (&f)[kPack]) {
+__device__ __forceinline__ Pack<E, kPack> LoadStagedPack(const E* p) {
   Pack<E, kPack> pk;
   if constexpr (sizeof(pk) == 16) {
     const int4 raw = __ldcg(reinterpret_cast<const int4*>(p));
@@ -548,8 +556,14 @@ __device__ __forceinline__ void LoadStagedF32(const E* p, float (&f)[kPack]) {
 #pragma unroll
     for (int u = 0; u < kPack; ++u) pk.v[u] = __ldcg(p + u);
   }
+  return pk;
+}
+
+// acc += w * pk, element-wise in float32 (explicit roundings: the order is the contract).
+template <typename E, int kPack>
+__device__ __forceinline__ void Accumulate(float (&acc)[kPack], float w, const Pack<E, kPack>& pk) {
 #pragma unroll
-  for (int u = 0; u < kPack; ++u) f[u] = ToF32(pk.v[u]);
+  for (int q = 0; q < kPack; ++q) acc[q] = __fadd_rn(acc[q], __fmul_rn(w, ToF32(pk.v[q])));
 }
 
 template <typename E, int kPack>
@@ -563,30 +577,42 @@ __device__ __forceinline__ void StoreF32(E* p, const float (&f)[kPack]) {
 // out[0, width) = sum over the set bits i of `from`, in increasing order, of
 // weight_of(i) * row_of(i)[0, width), in float32 (kU packs in flight per lane; a weight of 1
 // is exact). Rows are read past L1: peers or this kernel wrote them, or they live on a peer.
-template <typename E, int kPack, typename RowOf, typename WeightOf>
+template <typename E, int kPack, bool kPairs, typename RowOf, typename WeightOf>
 __device__ __forceinline__ void SumRows(unsigned from, RowOf row_of, WeightOf weight_of, int width,
                                         E* out, int lane) {
   constexpr int kU = 4;
+  using P = Pack<E, kPack>;
   for (int e0 = 0; e0 < width; e0 += 32 * kPack * kU) {  // warp-uniform: row_of may shuffle
     float acc[kU][kPack];
 #pragma unroll
     for (int u = 0; u < kU; ++u)
 #pragma unroll
       for (int q = 0; q < kPack; ++q) acc[u][q] = 0.f;
-    for (unsigned m = from; m; m &= m - 1) {
-      const E* row = row_of(__ffs(m) - 1);
-      const float w = weight_of(__ffs(m) - 1);
-      float f[kU][kPack];
+    // kPairs: two terms at a time, both rows' loads in flight before either is added (in order);
+    // it needs registers a kernel may not have to spare (ReturnKernel spilled and slowed down).
+    for (unsigned m = from; m;) {
+      const int i0 = __ffs(m) - 1;
+      m &= m - 1;
+      const bool two = kPairs && m != 0;
+      const int i1 = two ? __ffs(m) - 1 : i0;
+      if (two) m &= m - 1;
+      const E* row0 = row_of(i0);
+      const E* row1 = row_of(i1);
+      const float w0 = weight_of(i0), w1 = weight_of(i1);
+      P p0[kU], p1[kU];
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
         const int e = e0 + (u * 32 + lane) * kPack;
-        if (e < width) LoadStagedF32<E, kPack>(row + e, f[u]);
+        if (e < width) {
+          p0[u] = LoadStagedPack<E, kPack>(row0 + e);
+          if (two) p1[u] = LoadStagedPack<E, kPack>(row1 + e);
+        }
       }
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
         if (e0 + (u * 32 + lane) * kPack >= width) continue;
-#pragma unroll
-        for (int q = 0; q < kPack; ++q) acc[u][q] = __fadd_rn(acc[u][q], __fmul_rn(w, f[u][q]));
+        Accumulate<E, kPack>(acc[u], w0, p0[u]);
+        if (two) Accumulate<E, kPack>(acc[u], w1, p1[u]);
       }
     }
 #pragma unroll
@@ -630,7 +656,7 @@ __global__ void __launch_bounds__(kThreads, 1) PullRowsKernel(CommArgs c, Return
     const int my_slot = lane < num_ranks ? a.send_pos[size_t(t) * num_ranks + lane] : -1;
     const int my_row = my_slot >= 0 ? s_first[lane] + my_slot : cap;  // >= cap: dropped there
     const unsigned from = __ballot_sync(kFull, my_row < cap);
-    SumRows<E, kPack>(
+    SumRows<E, kPack, true>(
         from,
         [&](int d) { return s_rows[d] + size_t(__shfl_sync(kFull, my_row, d)) * width; },
         [](int) { return 1.f; }, width, static_cast<E*>(a.out) + size_t(t) * width, lane);
@@ -675,7 +701,7 @@ __global__ void __launch_bounds__(kThreads, 1) ReturnKernel(CommArgs c, ReturnAr
           }
         } else {
           const float my_w = a.row_weights != nullptr && my_row < cap ? a.row_weights[my_row] : 1.f;
-          SumRows<E, kPack>(
+          SumRows<E, kPack, false>(
               __ballot_sync(kFull, my_row < cap),
               [&](int k) { return y + size_t(__shfl_sync(kFull, my_row, k)) * width; },
               [&](int k) { return __shfl_sync(kFull, my_w, k); }, width, reinterpret_cast<E*>(dst),
@@ -706,7 +732,7 @@ __global__ void __launch_bounds__(kThreads, 1) ReturnKernel(CommArgs c, ReturnAr
       if (lane < num_topk) static_cast<float*>(a.out)[size_t(t) * num_topk + lane] = acc;
       continue;
     }
-    SumRows<E, kPack>(
+    SumRows<E, kPack, false>(
         from,
         [&](int d) {
           return reinterpret_cast<const E*>(Slot(c, rank, d, __shfl_sync(kFull, my_slot, d)));
