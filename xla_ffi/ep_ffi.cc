@@ -1,4 +1,5 @@
-// XLA FFI handlers of the intranode dispatch/combine ops (kernels in ep_kernels.cu).
+// XLA FFI handlers of the intranode dispatch/combine ops (kernels in ep_dispatch.cu, ep_combine.cu,
+// ep_peer_copy.cu; declared in ep_kernels.h).
 // Handlers only check shapes, look the workspace up and launch: no allocation, no host sync.
 #include <cuda_runtime.h>
 

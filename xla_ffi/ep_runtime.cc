@@ -163,6 +163,7 @@ std::string Workspace::ErrorMessage() const {
                    : e->op == kOpBroadcast ? "broadcast" : "peer copy";
   const char* phase = e->code == kPhaseEntry    ? "entry barrier"
                       : e->code == kPhaseCounts ? "waiting for peer counts"
+                      : e->code == kPhaseDone   ? "exit barrier: peer still reading"
                                                 : "waiting for peer data";
   return "jax_ep: rank " + std::to_string(e->rank) + " timed out in " + op + " (" + phase +
          ") waiting for rank " + std::to_string(e->peer) +

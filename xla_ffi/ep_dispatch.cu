@@ -1,0 +1,420 @@
+// Dispatch kernels: the routing-rank prefix (slot ranks) and the NVLink dispatch itself, both
+// layouts (see ep_kernels.h for the protocol).
+#include "ep_device.cuh"
+
+namespace jax_ep {
+namespace {
+
+// Staging slot of an expert-layout dispatch: one token's routing metadata (the row itself goes
+// straight to the receiver's output): [topk idx | topk weights | pos_in_src], K entries each.
+struct DispatchSlot {
+  size_t idx_off, w_off, pos_off;
+  __host__ __device__ explicit DispatchSlot(int num_topk)
+      : idx_off(0), w_off(size_t(num_topk) * 4), pos_off(size_t(num_topk) * 8) {}
+  __host__ __device__ static size_t bytes(int num_topk) { return Align16(size_t(num_topk) * 12); }
+};
+
+__device__ __forceinline__ int CountAt(const int32_t* counts, int src, int column) {
+  return __ldcg(counts + size_t(src) * kCountStride + column);
+}
+
+// Expert-layout tables every block derives from the counts all ranks published:
+//   base[e]   row, on the rank of global expert e, of my first slot naming e: the padded start
+//             of e's group there plus the rows of e from lower source ranks
+//   start[j]  padded group offsets on this rank, j = 0..L (start[L] = rows incl. padding)
+//   total[j]  rows of my local expert j from all sources
+__device__ void ExpertTables(const CommArgs& c, const int32_t* counts, int num_local, int alignment,
+                             int* base, int* start, int* total) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int num_ranks = c.num_ranks, num_experts = num_ranks * num_local;
+  for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
+    int before = 0;
+    for (int q = 0; q < c.rank; ++q) before += CountAt(counts, q, kMaxRanks + e);
+    base[e] = before;
+  }
+  __syncthreads();
+  for (int d = warp; d < num_ranks; d += kWarps) {  // a warp scans rank d's groups
+    int carry = 0;
+    for (int j0 = 0; j0 < num_local; j0 += 32) {
+      const int j = j0 + lane, e = d * num_local + j;
+      int all = 0;
+      if (j < num_local) {
+        for (int q = 0; q < num_ranks; ++q) all += CountAt(counts, q, kMaxRanks + e);
+      }
+      const int padded = (all + alignment - 1) / alignment * alignment;
+      int incl = padded;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int n = __shfl_up_sync(kFull, incl, o);
+        if (lane >= o) incl += n;
+      }
+      if (j < num_local) {
+        base[e] += carry + incl - padded;
+        if (d == c.rank) start[j] = carry + incl - padded, total[j] = all;
+      }
+      carry += __shfl_sync(kFull, incl, 31);
+    }
+    if (d == c.rank && lane == 0) start[num_local] = carry;
+  }
+  __syncthreads();
+}
+
+// ------------------------------------------------------------------ dispatch
+
+template <typename V>
+__global__ void __launch_bounds__(kThreads, 1) DispatchKernel(CommArgs c, DispatchArgs a) {
+  // Expert layout: base [E] | start [L + 1] | total [L]; token layout: rows per expert [L].
+  extern __shared__ int smem[];
+  __shared__ int s_kept, s_all;
+  __shared__ int s_count[kMaxRanks], s_offset[kMaxRanks + 1], s_dst_offset[kMaxRanks];
+  __shared__ uint64_t s_dst_ptr[kMaxRanks][kNumPtrs];
+  const int lane = threadIdx.x % 32;
+  const int num_ranks = c.num_ranks, rank = c.rank, num_topk = a.num_topk;
+  const int num_local = a.num_local_experts, cap = a.recv_capacity, s_cap = a.send_capacity;
+  const bool expert = a.expert_layout;
+  const size_t row_bytes = a.x_row_bytes;
+  // SM split (expert layout): senders push, receivers expand each row as it lands.
+  const Roles roles(a.num_recv_blocks);
+  const bool sender = roles.sender, receiver = roles.receiver;
+  const int swarp = roles.swarp, num_swarps = roles.num_swarps;
+  const int rwarp = roles.rwarp, num_rwarps = roles.num_rwarps;
+  int* base = smem;
+  int* start = smem + a.num_experts;
+  int* total = start + num_local + 1;
+  int* hist = smem;  // token layout: this block's count of stored rows per local expert
+  if (!expert) {
+    for (int j = threadIdx.x; j < num_local; j += blockDim.x) hist[j] = 0;
+  }
+
+  EntryBarrier(c, kOpDispatch);
+
+  // Block 0 publishes my routing counts (tokens per rank, per expert) and output pointers to
+  // every peer; everyone waits for all of them, then derives its offsets locally.
+  if (blockIdx.x == 0) {
+    const int row_len = num_ranks + a.num_experts;
+    for (int q = threadIdx.x; q < num_ranks * row_len; q += blockDim.x) {
+      const int d = q / row_len, j = q % row_len;
+      int32_t* row = reinterpret_cast<int32_t*>(c.peer_ws[d] + kCountsOffset) +
+                     size_t(rank) * kCountStride;
+      if (j < num_ranks) {
+        row[j] = a.tokens_per_rank[j];
+      } else {
+        row[kMaxRanks + j - num_ranks] = a.tokens_per_expert[j - num_ranks];
+      }
+    }
+    if (threadIdx.x < num_ranks) {
+      uint64_t* ptrs = reinterpret_cast<uint64_t*>(c.peer_ws[threadIdx.x] + kPtrOffset) +
+                       rank * kNumPtrs;
+      ptrs[0] = reinterpret_cast<uint64_t>(a.recv_x);
+      ptrs[1] = reinterpret_cast<uint64_t>(a.recv_scales);
+      ptrs[2] = reinterpret_cast<uint64_t>(a.recv_topk_idx);
+      ptrs[3] = reinterpret_cast<uint64_t>(a.recv_topk_weights);
+    }
+    __syncthreads();
+    if (threadIdx.x < num_ranks) {
+      __threadfence_system();
+      StoreRelease(PeerFlag(c, threadIdx.x, kCountsFlagOffset, rank), c.epoch);
+    }
+  }
+  if (threadIdx.x < num_ranks) {
+    WaitFlag(PeerFlag(c, rank, kCountsFlagOffset, threadIdx.x), c, kOpDispatch, kPhaseCounts,
+             threadIdx.x);
+  }
+  // Thread q acquired only rank q's flag; the barrier extends every acquire to all threads.
+  __syncthreads();
+  const int32_t* counts = reinterpret_cast<const int32_t*>(c.peer_ws[rank] + kCountsOffset);
+  if (threadIdx.x < num_ranks) {
+    const int d = threadIdx.x;
+    int before = 0;  // my first row on rank d (token layout)
+    for (int q = 0; q < rank; ++q) before += CountAt(counts, q, d);
+    s_dst_offset[d] = before;
+    s_count[d] = CountAt(counts, d, rank);  // tokens rank d routes to me
+    const auto* ptrs = reinterpret_cast<const unsigned long long*>(c.peer_ws[rank] + kPtrOffset);
+    for (int q = 0; q < kNumPtrs; ++q) s_dst_ptr[d][q] = __ldcg(ptrs + d * kNumPtrs + q);
+  }
+  if (expert) ExpertTables(c, counts, num_local, a.expert_alignment, base, start, total);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int acc = 0;
+    for (int s = 0; s < num_ranks; ++s) s_offset[s] = acc, acc += s_count[s];
+    s_offset[num_ranks] = acc;
+  }
+  __syncthreads();
+  const int num_rows_used = expert ? start[num_local] : s_offset[num_ranks];
+
+  // Receivers first clear the rows no data will reach (token layout: the tail; expert layout:
+  // group padding and the tail), while the data is in flight.
+  if (receiver) {
+    for (int row = rwarp; row < cap; row += num_rwarps) {
+      bool empty = row >= num_rows_used;
+      if (!empty && expert) {
+        int lo = 0, hi = num_local - 1;  // last group starting at or before row
+        while (lo < hi) {
+          const int mid = (lo + hi + 1) / 2;
+          if (start[mid] <= row) lo = mid; else hi = mid - 1;
+        }
+        empty = row >= start[lo] + total[lo];
+      }
+      if (!empty) continue;
+      WarpZero<V>(a.recv_x + size_t(row) * row_bytes, row_bytes, lane);
+      for (int q = lane; q < a.num_scales; q += 32) a.recv_scales[size_t(row) * a.num_scales + q] = 0.f;
+      const int idx_width = expert ? 1 : num_topk;
+      if (lane < idx_width) {
+        a.recv_topk_idx[size_t(row) * idx_width + lane] = -1;
+        a.recv_topk_weights[size_t(row) * idx_width + lane] = 0.f;
+      }
+      if (lane == 0) a.row_src[row] = -1;
+    }
+  }
+
+  // Push: one warp per token; the row crosses NVLink once per destination rank, straight to
+  // its final row there (expert layout: the row of its first expert on that rank). The row is
+  // read once and stored to every destination.
+  if (sender) {
+    const DispatchSlot meta(num_topk);
+    for (int t = swarp; t < a.num_tokens; t += num_swarps) {
+      const int my_slot = lane < num_ranks ? a.send_pos[size_t(t) * num_ranks + lane] : -1;
+      const unsigned dests = __ballot_sync(kFull, my_slot >= 0);
+      const size_t tk = size_t(t) * num_topk + lane;
+      int e = -1, pos = 0;
+      float w = 0.f;
+      if (lane < num_topk) {
+        e = a.topk_idx[tk], w = a.topk_weights[tk];
+        if (expert) pos = a.pos_in_src[tk];
+      }
+      int my_row = cap;  // lane d: where the row goes on rank d (cap: nowhere)
+      for (unsigned m = dests; m; m &= m - 1) {  // destination rows and routing metadata
+        const int d = __ffs(m) - 1;
+        const int slot = __shfl_sync(kFull, my_slot, d);
+        const int j = e - d * num_local;
+        const bool local = lane < num_topk && j >= 0 && j < num_local;
+        int row = cap;
+        if (!expert) {
+          row = min(s_dst_offset[d] + slot, cap);  // beyond capacity: dropped, counted there
+          if (row < cap && lane < num_topk) {
+            const size_t rk = size_t(row) * num_topk + lane;
+            reinterpret_cast<int32_t*>(s_dst_ptr[d][2])[rk] = local ? j : -1;
+            reinterpret_cast<float*>(s_dst_ptr[d][3])[rk] = local ? w : 0.f;
+          }
+        } else {
+          const int row_k = local ? min(base[e] + pos, cap) : cap;
+          const unsigned stored = __ballot_sync(kFull, row_k < cap);
+          if (stored) row = __shfl_sync(kFull, row_k, __ffs(stored) - 1);
+          uint8_t* dst = Slot(c, d, rank, slot);
+          if (lane < num_topk) {
+            reinterpret_cast<int32_t*>(dst + meta.idx_off)[lane] = e;
+            reinterpret_cast<float*>(dst + meta.w_off)[lane] = w;
+            reinterpret_cast<int32_t*>(dst + meta.pos_off)[lane] = pos;
+          }
+        }
+        if (lane == d) my_row = row;
+      }
+      const unsigned copies = __ballot_sync(kFull, my_row < cap);
+      auto dst_row = [&](int d, int q) {  // q: row bytes / scale index
+        return size_t(__shfl_sync(kFull, my_row, d)) * q;
+      };
+      WarpCopyToRows<V, true>(
+          copies,
+          [&](int d) { return reinterpret_cast<uint8_t*>(s_dst_ptr[d][0]) + dst_row(d, int(row_bytes)); },
+          a.x + size_t(t) * row_bytes, row_bytes, lane);
+      if (a.num_scales) {
+        WarpCopyToRows<int, true>(
+            copies,
+            [&](int d) {
+              return reinterpret_cast<uint8_t*>(s_dst_ptr[d][1]) + dst_row(d, a.num_scales * 4);
+            },
+            reinterpret_cast<const uint8_t*>(a.scales + size_t(t) * a.num_scales),
+            size_t(a.num_scales) * 4, lane);
+      }
+      if (expert) {
+        __syncwarp();  // every lane's stores precede the releases (cumulativity)
+        if (my_slot >= 0) StoreRelease(SlotFlag(c, lane, rank, my_slot), c.epoch);
+      }
+    }
+    if (!expert) SignalSent(c);
+  }
+
+  if (receiver) {
+    const DispatchSlot meta(num_topk);
+    for (int step = 0; step < num_ranks; ++step) {
+      const int s = (rank + step) % num_ranks;  // own slots first: they land earliest
+      const int num_in = min(s_count[s], s_cap);
+      if (!expert) {  // the rows already sit in recv_x: only the bookkeeping is left
+        WaitSentFrom(c, kOpDispatch, s);
+        for (int i = rwarp; i < s_cap; i += num_rwarps) {
+          const size_t src_slot = size_t(s) * s_cap + i;
+          const int row = s_offset[s] + i;
+          const bool stored = i < num_in && row < cap;
+          if (lane == 0) a.recv_rows[src_slot] = stored ? row : cap;
+          if (!stored) continue;
+          if (lane < num_topk) {
+            const int j = __ldcg(a.recv_topk_idx + size_t(row) * num_topk + lane);
+            if (j >= 0) atomicAdd(hist + j, 1);
+          }
+          if (lane == 0) a.row_src[row] = int(src_slot);
+        }
+        continue;
+      }
+      // Expert layout: as each slot lands, write its rows' metadata and copy its row from the
+      // first expert row (where the sender put it) into the others; all copies are local.
+      for (int i = rwarp; i < s_cap; i += num_rwarps) {
+        const size_t src_slot = size_t(s) * s_cap + i;
+        if (i >= num_in) {
+          if (lane < num_topk) a.recv_rows[src_slot * num_topk + lane] = cap;
+          continue;
+        }
+        if (lane == 0) WaitFlag(SlotFlag(c, rank, s, i), c, kOpDispatch, kPhaseSent, s);
+        __syncwarp();
+        const uint8_t* slot = Slot(c, rank, s, i);
+        int row = cap;
+        if (lane < num_topk) {
+          const int e = LoadStaged<int32_t>(slot + meta.idx_off, lane);
+          const int j = e - rank * num_local;
+          if (j >= 0 && j < num_local) {
+            int before = 0;  // rows of this expert from lower source ranks
+            for (int q = 0; q < s; ++q) before += CountAt(counts, q, kMaxRanks + e);
+            const int r = start[j] + before + LoadStaged<int32_t>(slot + meta.pos_off, lane);
+            if (r < cap) {
+              row = r;
+              a.recv_topk_idx[row] = j;
+              a.recv_topk_weights[row] = LoadStaged<float>(slot + meta.w_off, lane);
+              a.row_src[row] = int(src_slot);
+            }
+          }
+          a.recv_rows[src_slot * num_topk + lane] = row;
+        }
+        unsigned rows = __ballot_sync(kFull, row < cap);
+        if (!rows) continue;
+        const int first = __shfl_sync(kFull, row, __ffs(rows) - 1);
+        rows &= rows - 1;  // the others
+        WarpCopyToRows<V, false>(
+            rows,
+            [&](int k) { return a.recv_x + size_t(__shfl_sync(kFull, row, k)) * row_bytes; },
+            a.recv_x + size_t(first) * row_bytes, row_bytes, lane);
+        if (a.num_scales) {
+          WarpCopyToRows<int, false>(
+              rows,
+              [&](int k) {
+                return reinterpret_cast<uint8_t*>(a.recv_scales +
+                                                  size_t(__shfl_sync(kFull, row, k)) * a.num_scales);
+              },
+              reinterpret_cast<const uint8_t*>(a.recv_scales + size_t(first) * a.num_scales),
+              size_t(a.num_scales) * 4, lane);
+        }
+      }
+    }
+  }
+
+  if (!expert) {  // one global atomic per (block, expert) instead of one per row
+    __syncthreads();
+    for (int j = threadIdx.x; j < num_local; j += blockDim.x) {
+      if (hist[j]) atomicAdd(a.num_tokens_per_expert + j, hist[j]);
+    }
+  }
+  if (blockIdx.x != 0) return;
+  if (threadIdx.x == 0) s_kept = 0, s_all = 0;
+  __syncthreads();
+  if (!expert) {
+    if (threadIdx.x == 0) s_all = num_rows_used, s_kept = min(num_rows_used, cap);
+  } else {
+    for (int j = threadIdx.x; j < num_local; j += blockDim.x) {
+      const int room = max(cap - start[j], 0);
+      const int kept = min(total[j], room);
+      a.num_tokens_per_expert[j] = kept;
+      a.group_sizes[j] = min(start[j + 1] - start[j], room);
+      atomicAdd(&s_kept, kept);
+      atomicAdd(&s_all, total[j]);
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    *a.num_recv_rows = s_kept;
+    *a.num_dropped = s_all - s_kept;
+  }
+  if (threadIdx.x < num_ranks) a.recv_count[threadIdx.x] = s_count[threadIdx.x];
+}
+
+// ------------------------------------------------------------------ slot ranks (local)
+
+// One block per expert: rank of each slot (t, k) among the slots naming that expert, in (t, k)
+// order. Each thread counts kPer consecutive slots, a block-wide exclusive scan gives its start;
+// deterministic. Slots naming no valid expert keep the -1 prefill.
+constexpr int kRankThreads = 1024, kRankPer = 8;
+
+__global__ void __launch_bounds__(kRankThreads) SlotRanksKernel(const int32_t* topk_idx,
+                                                                int num_slots, int32_t* ranks) {
+  __shared__ int warp_total[kRankThreads / 32];
+  const int expert = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  int carry = 0;
+  for (int base = 0; base < num_slots; base += kRankThreads * kRankPer) {
+    const int first = base + threadIdx.x * kRankPer;
+    unsigned hits = 0;
+#pragma unroll
+    for (int q = 0; q < kRankPer; ++q) {
+      if (first + q < num_slots && __ldg(topk_idx + first + q) == expert) hits |= 1u << q;
+    }
+    const int mine = __popc(hits);
+    int incl = mine;  // warp-inclusive scan
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int n = __shfl_up_sync(kFull, incl, o);
+      if (lane >= o) incl += n;
+    }
+    if (lane == 31) warp_total[warp] = incl;
+    __syncthreads();
+    int before = carry, total = 0;
+    for (int w = 0; w < kRankThreads / 32; ++w) {
+      const int t = warp_total[w];
+      before += w < warp ? t : 0;
+      total += t;
+    }
+    int r = before + incl - mine;
+    for (unsigned h = hits; h; h &= h - 1) ranks[first + __ffs(h) - 1] = r++;
+    carry += total;
+    __syncthreads();
+  }
+}
+
+template <typename V>
+struct DispatchLauncher {
+  static cudaError_t Run(const CommArgs& c, const DispatchArgs& a, cudaStream_t stream) {
+    const size_t smem = sizeof(int) * (a.expert_layout ? a.num_experts + 2 * a.num_local_experts + 1
+                                                       : a.num_local_experts);
+    DispatchKernel<V><<<c.num_blocks, kThreads, smem, stream>>>(c, a);
+    return cudaGetLastError();
+  }
+};
+
+}  // namespace
+
+cudaError_t LaunchDispatch(const CommArgs& c, const DispatchArgs& a, cudaStream_t stream) {
+  return ByRowVector<DispatchLauncher>(a.x_row_bytes, c, a, stream);
+}
+
+cudaError_t LaunchSlotRanks(const int32_t* topk_idx, int num_slots, int num_experts,
+                            int32_t* ranks, cudaStream_t stream) {
+  cudaMemsetAsync(ranks, 0xff, sizeof(int32_t) * num_slots, stream);  // -1 everywhere
+  if (num_slots > 0 && num_experts > 0) {
+    SlotRanksKernel<<<num_experts, kRankThreads, 0, stream>>>(topk_idx, num_slots, ranks);
+  }
+  return cudaGetLastError();
+}
+
+size_t DispatchSlotBytes(int num_topk) { return DispatchSlot::bytes(num_topk); }
+
+cudaError_t PreloadDispatchKernels() {
+  cudaError_t err = cudaSuccess;
+  Touch(err, DispatchKernel<int4>), Touch(err, DispatchKernel<int2>);
+  Touch(err, DispatchKernel<int>), Touch(err, DispatchKernel<short>);
+  Touch(err, DispatchKernel<char>), Touch(err, SlotRanksKernel);
+  return err;
+}
+
+cudaError_t PreloadKernels() {
+  cudaError_t err = PreloadDispatchKernels();
+  if (err == cudaSuccess) err = PreloadCombineKernels();
+  if (err == cudaSuccess) err = PreloadPeerCopyKernel();
+  return err;
+}
+
+}  // namespace jax_ep
