@@ -304,3 +304,11 @@ def test_cuda_workspace_limits_checked_at_trace_time():
     for too_big in [(65, 128, 4), (64, 129, 4), (64, 128, 5)]:
         with pytest.raises(ValueError, match="max_tokens_per_rank=64, hidden=128, num_topk=4"):
             buf.check_fits(*too_big)
+
+
+@pytest.mark.parametrize("kw", [dict(num_sms=0), dict(num_recv_sms=-1),
+                                dict(num_sms=8, num_recv_sms=8)])
+def test_bad_sm_budget(kw):
+    """SM budgets are checked at Buffer creation, before any device work, naming the option."""
+    with pytest.raises(ValueError, match="num_recv_sms" if "num_recv_sms" in kw else "num_sms"):
+        jax_ep.Buffer(make_mesh(2), "ep", backend="xla", **kw)
