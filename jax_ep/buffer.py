@@ -144,7 +144,8 @@ class Buffer:
 
         Every rank may receive each peer's max_tokens_per_rank tokens once: a staging slot per
         (source rank, token) holding a row (sized for float32, so combines of any row dtype and
-        FP8 dispatches fit; `dtype` is accepted for symmetry), plus the signal area.
+        FP8 dispatches fit; `dtype` is accepted for symmetry), an arrival flag per slot, and the
+        signal area (flags, counts, pointers).
         """
         if num_experts % num_ranks:
             raise ValueError(f"num_experts ({num_experts}) must be a multiple of num_ranks "
