@@ -8,8 +8,8 @@ Configs (bf16; uniform routing: each token takes the top-K of E random scores, K
 experts): DeepEP's test (T=4096 tokens/rank, H=7168, top-8 of 256) and a small batch (T=128).
 Rows: jax_ep "xla" and "cuda" backends (token and expert layout; "cuda" is n/a until its kernels
 exist), ragged_a2a (MaxText style, lax.ragged_all_to_all; GPU only), padded_a2a (lax.all_to_all,
-T rows per destination) and nvlink_copy (raw copy ceiling from jax_ep._ffi.nvlink_copy_bench,
-assumed `(mesh, axis_name, bytes_per_peer, iters) -> us per all-peers copy`; n/a until built).
+T rows per destination) and nvlink_copy (raw copy ceiling: our peer-copy kernel pushes the
+dispatch's remote bytes to every peer with all SMs; GPU only).
 
 Metrics (DeepEP's), for each rank r, then averaged over ranks:
   pairs(r)      = (token, destination rank) pairs with destination r, from all source ranks
@@ -18,11 +18,13 @@ Metrics (DeepEP's), for each rank r, then averaged over ranks:
   remote GB/s   = (pairs(r) from source ranks != r) * H * bytes_per_element / time / 1e9
   combine moves the same bytes in the reverse direction: same formulas.
 Timing:
-  device  --inner calls chained in ONE jitted program (straight-line; lax.fori_loop with
-          --no-unroll, which adds XLA:GPU's per-iteration host round trip). Every input of call i+1 (x, idx, w / y and the handle) gets a zero taken
-          from call i's output (`v != v`, which XLA cannot fold), so no call or part of one is
-          hoisted or CSE'd, and all outputs are carried and returned, so none is dead code.
-          Program time / inner, --iters programs after --warmup: median, p10, p90.
+  device  calls chained in ONE jitted program (straight-line; lax.fori_loop with --no-unroll,
+          which adds XLA:GPU's per-iteration host round trip). Every input of call i+1 (x, idx,
+          w / y and the handle) gets a zero taken from call i's output (`v != v`, which XLA
+          cannot fold), so no call or part of one is hoisted or CSE'd, and all outputs are
+          carried and returned, so none is dead code. Programs of --inner and 2 * --inner calls
+          are timed alternately, --iters pairs after --warmup; per call = (long - short) /
+          inner, so the program's own launch cost cancels: median, p10, p90.
   wall    one call per jitted program, block_until_ready, median of --iters.
 Each row is checked once before timing: combine(dispatch(x)) with identity experts against numpy
 on sampled rows (token-style rows: x * number of destination ranks, exactly; expert layout:
@@ -225,6 +227,25 @@ def build_programs(row, mesh, inner, unroll=False):
             "disp_loop": sm(disp_loop), "comb_loop": sm(comb_loop)}
 
 
+def sample_slope(short, long, args, inner, iters, warmup):
+    """Device time per call: (time of a program of 2*inner chained calls - time of one of inner)
+    / inner, the two timed alternately. The program's own launch and completion cost (hundreds
+    of microseconds for a multi-GPU program) cancels; dividing one program's time by its calls
+    would charge each call a share of it."""
+    for _ in range(warmup):
+        jax.block_until_ready(short(*args))
+        jax.block_until_ready(long(*args))
+    per_call = []
+    for _ in range(iters):
+        t = []
+        for fn in (short, long):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            t.append(time.perf_counter() - t0)
+        per_call.append((t[1] - t[0]) / inner)
+    return np.array(per_call) * 1e6  # us
+
+
 def sample_times(fn, args, iters, warmup):
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
@@ -284,6 +305,7 @@ def check_row(got, x, idx, w, kind, R, E):
 def time_row(row, mesh, args, x, idx, w, check, res):
     """Checks the row once, then times dispatch and combine into res["ops"]."""
     prog = build_programs(row, mesh, args.inner, args.unroll)
+    prog2 = build_programs(row, mesh, 2 * args.inner, args.unroll)
     recv, h, _ = prog["disp_once"](x, idx, w)
     res["check_err"] = check(prog["comb_once"](recv, h), row.expect)
     if not res["check_err"] <= 1.0:
@@ -291,7 +313,7 @@ def time_row(row, mesh, args, x, idx, w, check, res):
         return
     for op, loop, once, a in [("dispatch", "disp_loop", "disp_once", (x, idx, w)),
                               ("combine", "comb_loop", "comb_once", (recv, h))]:
-        dev = sample_times(prog[loop], a, args.iters, args.warmup) / args.inner
+        dev = sample_slope(prog[loop], prog2[loop], a, args.inner, args.iters, args.warmup)
         wall = sample_times(prog[once], a, args.iters, args.warmup)
         p10, p50, p90 = np.percentile(dev, [10, 50, 90])
         res["ops"][op] = dict(
@@ -380,21 +402,17 @@ def nvlink_row(mesh, res, args, T):
         src = jax.device_put(jnp.arange(R * R * words, dtype=jnp.int32).reshape(R * R, words),
                              jax.sharding.NamedSharding(mesh, P(AX)))
 
-        def loop(src):
-            body = lambda i, acc: acc + cuda_backend.peer_copy(buf, src)  # noqa: E731
-            first = cuda_backend.peer_copy(buf, src)  # peeled: the carry keeps its typing
-            return jax.lax.fori_loop(1, args.inner, body, first, unroll=args.unroll)[None]
+        def program(inner):
+            def loop(src):
+                body = lambda i, acc: acc + cuda_backend.peer_copy(buf, src)  # noqa: E731
+                first = cuda_backend.peer_copy(buf, src)  # peeled: the carry keeps its typing
+                return jax.lax.fori_loop(1, inner, body, first, unroll=args.unroll)[None]
 
-        f = jax.jit(jax.shard_map(loop, mesh=mesh, in_specs=P(AX), out_specs=P(AX)))
-        for _ in range(args.warmup):
-            f(src).block_until_ready()
-        times = []
-        for _ in range(args.iters):
-            t0 = time.perf_counter()
-            done = f(src)
-            done.block_until_ready()
-            times.append((time.perf_counter() - t0) * 1e6 / args.inner)
-        assert int(np.asarray(done).min()) == args.inner, "peer copy did not complete"
+            return jax.jit(jax.shard_map(loop, mesh=mesh, in_specs=P(AX), out_specs=P(AX)))
+
+        short, long = program(args.inner), program(2 * args.inner)
+        times = sample_slope(short, long, (src,), args.inner, args.iters, args.warmup)
+        assert int(np.asarray(long(src)).min()) == 2 * args.inner, "peer copy did not complete"
         t_us = float(np.median(times))
     finally:
         buf.close()
@@ -409,10 +427,11 @@ def markdown(report):
     lines = [f"## EP dispatch/combine on {report['num_devices']} x {report['device_kind']}", "",
              "pairs(r) = (token, dest rank) pairs received by rank r (own tokens included); "
              "logical GB/s = mean_r pairs(r) * H * 2 B / t; remote GB/s = same over pairs from "
-             "other ranks; combine: same bytes reversed. t = device time per call: median of "
-             f"{a['iters']} programs of {a['inner']} chained calls "
-             f"({'straight-line' if a.get('unroll') else 'in a lax.fori_loop'}), / {a['inner']} (p10, p90 "
-             "likewise); wall = one call per program. check = max |combine(dispatch(x)) - numpy| "
+             "other ranks; combine: same bytes reversed. t = device time per call: median over "
+             f"{a['iters']} pairs of programs of {a['inner']} and {2 * a['inner']} chained calls "
+             f"({'straight-line' if a.get('unroll') else 'in a lax.fori_loop'}), timed "
+             f"alternately, of (long - short) / {a['inner']} (p10, p90 likewise): the programs' "
+             "launch cost cancels; wall = one call per program. check = max |combine(dispatch(x)) - numpy| "
              "/ tolerance on sampled rows, identity experts (exact for token-style rows, "
              "2^-6 * magnitude for the expert layout's weighted sum; <= 1 passes).", "",
              "| config | row | op | device us p50 | p10 | p90 | wall us/call | logical GB/s "

@@ -67,31 +67,37 @@ __global__ void __launch_bounds__(kThreads, 1) ReturnKernel(CommArgs c, ReturnAr
   const E* y = static_cast<const E*>(a.y);
   const Roles roles(0);
 
-  EntryBarrier(c, kOpCombine);
+  __shared__ int s_num_in[kMaxRanks];
+  if (threadIdx.x < num_ranks) s_num_in[threadIdx.x] = min(a.recv_count[threadIdx.x], s_cap);
+  EntryBarrier(c, kOpCombine);  // its __syncthreads publishes s_num_in
 
   if (roles.sender) {
-    for (int s = 0; s < num_ranks; ++s) {
-      const int num_in = min(a.recv_count[s], s_cap);
-      for (int i = roles.swarp; i < num_in; i += roles.num_swarps) {
-        const size_t src_slot = size_t(s) * s_cap + i;
-        uint8_t* dst = Slot(c, s, rank, i);
-        const int my_row = lane < num_topk ? a.recv_rows[src_slot * num_topk + lane] : cap;
-        if (a.mode == kReturnGatherK) {
-          if (lane < num_topk) {
-            reinterpret_cast<float*>(dst)[lane] =
-                my_row < cap ? reinterpret_cast<const float*>(a.y)[my_row] : 0.f;
-          }
-        } else {
-          const float my_w = a.row_weights != nullptr && my_row < cap ? a.row_weights[my_row] : 1.f;
-          SumRows<E, kPack, false>(
-              __ballot_sync(kFull, my_row < cap),
-              [&](int k) { return y + size_t(__shfl_sync(kFull, my_row, k)) * width; },
-              [&](int k) { return __shfl_sync(kFull, my_w, k); }, width, reinterpret_cast<E*>(dst),
-              lane);
+    // Slot-major across sources, remote ones first: every warp's stores alternate between the
+    // peers and this rank, so NVLink and local HBM work at once (source-major order kept each
+    // rank's outbound link idle while it reduced its own slots).
+    int max_in = 0;
+    for (int s = 0; s < num_ranks; ++s) max_in = max(max_in, s_num_in[s]);
+    for (int q = roles.swarp; q < num_ranks * max_in; q += roles.num_swarps) {
+      const int i = q / num_ranks, s = (rank + 1 + q % num_ranks) % num_ranks;
+      if (i >= s_num_in[s]) continue;
+      const size_t src_slot = size_t(s) * s_cap + i;
+      uint8_t* dst = Slot(c, s, rank, i);
+      const int my_row = lane < num_topk ? a.recv_rows[src_slot * num_topk + lane] : cap;
+      if (a.mode == kReturnGatherK) {
+        if (lane < num_topk) {
+          reinterpret_cast<float*>(dst)[lane] =
+              my_row < cap ? reinterpret_cast<const float*>(a.y)[my_row] : 0.f;
         }
-        __syncwarp();  // the lanes' stores precede lane 0's release (cumulativity)
-        if (lane == 0) StoreRelease(SlotFlag(c, s, rank, i), c.epoch);
+      } else {
+        const float my_w = a.row_weights != nullptr && my_row < cap ? a.row_weights[my_row] : 1.f;
+        SumRows<E, kPack, false>(
+            __ballot_sync(kFull, my_row < cap),
+            [&](int k) { return y + size_t(__shfl_sync(kFull, my_row, k)) * width; },
+            [&](int k) { return __shfl_sync(kFull, my_w, k); }, width, reinterpret_cast<E*>(dst),
+            lane);
       }
+      __syncwarp();  // the lanes' stores precede lane 0's release (cumulativity)
+      if (lane == 0) StoreRelease(SlotFlag(c, s, rank, i), c.epoch);
     }
   }
   if (!roles.receiver) return;

@@ -234,73 +234,76 @@ __global__ void __launch_bounds__(kThreads, 1) DispatchKernel(CommArgs c, Dispat
     if (!expert) SignalSent(c);
   }
 
-  if (receiver) {
-    const DispatchSlot meta(num_topk);
+  if (receiver && !expert) {  // the rows already sit in recv_x: only the bookkeeping is left
     for (int step = 0; step < num_ranks; ++step) {
       const int s = (rank + step) % num_ranks;  // own slots first: they land earliest
       const int num_in = min(s_count[s], s_cap);
-      if (!expert) {  // the rows already sit in recv_x: only the bookkeeping is left
-        WaitSentFrom(c, kOpDispatch, s);
-        for (int i = rwarp; i < s_cap; i += num_rwarps) {
-          const size_t src_slot = size_t(s) * s_cap + i;
-          const int row = s_offset[s] + i;
-          const bool stored = i < num_in && row < cap;
-          if (lane == 0) a.recv_rows[src_slot] = stored ? row : cap;
-          if (!stored) continue;
-          if (lane < num_topk) {
-            const int j = __ldcg(a.recv_topk_idx + size_t(row) * num_topk + lane);
-            if (j >= 0) atomicAdd(hist + j, 1);
-          }
-          if (lane == 0) a.row_src[row] = int(src_slot);
-        }
-        continue;
-      }
-      // Expert layout: as each slot lands, write its rows' metadata and copy its row from the
-      // first expert row (where the sender put it) into the others; all copies are local.
+      WaitSentFrom(c, kOpDispatch, s);
       for (int i = rwarp; i < s_cap; i += num_rwarps) {
         const size_t src_slot = size_t(s) * s_cap + i;
-        if (i >= num_in) {
-          if (lane < num_topk) a.recv_rows[src_slot * num_topk + lane] = cap;
-          continue;
-        }
-        if (lane == 0) WaitFlag(SlotFlag(c, rank, s, i), c, kOpDispatch, kPhaseSent, s);
-        __syncwarp();
-        const uint8_t* slot = Slot(c, rank, s, i);
-        int row = cap;
+        const int row = s_offset[s] + i;
+        const bool stored = i < num_in && row < cap;
+        if (lane == 0) a.recv_rows[src_slot] = stored ? row : cap;
+        if (!stored) continue;
         if (lane < num_topk) {
-          const int e = LoadStaged<int32_t>(slot + meta.idx_off, lane);
-          const int j = e - rank * num_local;
-          if (j >= 0 && j < num_local) {
-            int before = 0;  // rows of this expert from lower source ranks
-            for (int q = 0; q < s; ++q) before += CountAt(counts, q, kMaxRanks + e);
-            const int r = start[j] + before + LoadStaged<int32_t>(slot + meta.pos_off, lane);
-            if (r < cap) {
-              row = r;
-              a.recv_topk_idx[row] = j;
-              a.recv_topk_weights[row] = LoadStaged<float>(slot + meta.w_off, lane);
-              a.row_src[row] = int(src_slot);
-            }
+          const int j = __ldcg(a.recv_topk_idx + size_t(row) * num_topk + lane);
+          if (j >= 0) atomicAdd(hist + j, 1);
+        }
+        if (lane == 0) a.row_src[row] = int(src_slot);
+      }
+    }
+  }
+
+  // Expert layout: as each slot lands, write its rows' metadata and copy its row from the first
+  // expert row (where the sender put it) into the others; all copies are local. Slots are taken
+  // slot-major across sources, the order every sender produces them in: source-major order left
+  // the remote half of the expansion until after the senders had finished.
+  if (receiver && expert) {
+    const DispatchSlot meta(num_topk);
+    for (int q = rwarp; q < num_ranks * s_cap; q += num_rwarps) {
+      const int i = q / num_ranks, s = (rank + q % num_ranks) % num_ranks;
+      const size_t src_slot = size_t(s) * s_cap + i;
+      if (i >= min(s_count[s], s_cap)) {
+        if (lane < num_topk) a.recv_rows[src_slot * num_topk + lane] = cap;
+        continue;
+      }
+      if (lane == 0) WaitFlag(SlotFlag(c, rank, s, i), c, kOpDispatch, kPhaseSent, s);
+      __syncwarp();
+      const uint8_t* slot = Slot(c, rank, s, i);
+      int row = cap;
+      if (lane < num_topk) {
+        const int e = LoadStaged<int32_t>(slot + meta.idx_off, lane);
+        const int j = e - rank * num_local;
+        if (j >= 0 && j < num_local) {
+          int before = 0;  // rows of this expert from lower source ranks
+          for (int p = 0; p < s; ++p) before += CountAt(counts, p, kMaxRanks + e);
+          const int r = start[j] + before + LoadStaged<int32_t>(slot + meta.pos_off, lane);
+          if (r < cap) {
+            row = r;
+            a.recv_topk_idx[row] = j;
+            a.recv_topk_weights[row] = LoadStaged<float>(slot + meta.w_off, lane);
+            a.row_src[row] = int(src_slot);
           }
-          a.recv_rows[src_slot * num_topk + lane] = row;
         }
-        unsigned rows = __ballot_sync(kFull, row < cap);
-        if (!rows) continue;
-        const int first = __shfl_sync(kFull, row, __ffs(rows) - 1);
-        rows &= rows - 1;  // the others
-        WarpCopyToRows<V, false>(
+        a.recv_rows[src_slot * num_topk + lane] = row;
+      }
+      unsigned rows = __ballot_sync(kFull, row < cap);
+      if (!rows) continue;
+      const int first = __shfl_sync(kFull, row, __ffs(rows) - 1);
+      rows &= rows - 1;  // the others
+      WarpCopyToRows<V, false>(
+          rows,
+          [&](int k) { return a.recv_x + size_t(__shfl_sync(kFull, row, k)) * row_bytes; },
+          a.recv_x + size_t(first) * row_bytes, row_bytes, lane);
+      if (a.num_scales) {
+        WarpCopyToRows<int, false>(
             rows,
-            [&](int k) { return a.recv_x + size_t(__shfl_sync(kFull, row, k)) * row_bytes; },
-            a.recv_x + size_t(first) * row_bytes, row_bytes, lane);
-        if (a.num_scales) {
-          WarpCopyToRows<int, false>(
-              rows,
-              [&](int k) {
-                return reinterpret_cast<uint8_t*>(a.recv_scales +
-                                                  size_t(__shfl_sync(kFull, row, k)) * a.num_scales);
-              },
-              reinterpret_cast<const uint8_t*>(a.recv_scales + size_t(first) * a.num_scales),
-              size_t(a.num_scales) * 4, lane);
-        }
+            [&](int k) {
+              return reinterpret_cast<uint8_t*>(a.recv_scales +
+                                                size_t(__shfl_sync(kFull, row, k)) * a.num_scales);
+            },
+            reinterpret_cast<const uint8_t*>(a.recv_scales + size_t(first) * a.num_scales),
+            size_t(a.num_scales) * 4, lane);
       }
     }
   }
