@@ -24,7 +24,8 @@ Timing:
           cannot fold), so no call or part of one is hoisted or CSE'd, and all outputs are
           carried and returned, so none is dead code. Programs of --inner and 2 * --inner calls
           are timed alternately, --iters pairs after --warmup; per call = (long - short) /
-          inner, so the program's own launch cost cancels: median, p10, p90.
+          inner, so the program's own launch cost cancels: median, p10, p90. Rows whose
+          calls take over --max-program-ms / --inner (ragged_a2a) use fewer calls (>= 2).
   wall    one call per jitted program, block_until_ready, median of --iters.
 Each row is checked once before timing: combine(dispatch(x)) with identity experts against numpy
 on sampled rows (token-style rows: x * number of destination ranks, exactly; expert layout:
@@ -304,8 +305,7 @@ def check_row(got, x, idx, w, kind, R, E):
 # ------------------------------------------------------------------------------ one config
 def time_row(row, mesh, args, x, idx, w, check, res):
     """Checks the row once, then times dispatch and combine into res["ops"]."""
-    prog = build_programs(row, mesh, args.inner, args.unroll)
-    prog2 = build_programs(row, mesh, 2 * args.inner, args.unroll)
+    prog = build_programs(row, mesh, 1, args.unroll)
     recv, h, _ = prog["disp_once"](x, idx, w)
     res["check_err"] = check(prog["comb_once"](recv, h), row.expect)
     if not res["check_err"] <= 1.0:
@@ -313,11 +313,14 @@ def time_row(row, mesh, args, x, idx, w, check, res):
         return
     for op, loop, once, a in [("dispatch", "disp_loop", "disp_once", (x, idx, w)),
                               ("combine", "comb_loop", "comb_once", (recv, h))]:
-        dev = sample_slope(prog[loop], prog2[loop], a, args.inner, args.iters, args.warmup)
         wall = sample_times(prog[once], a, args.iters, args.warmup)
+        # Slow rows (ragged_a2a: ~20 ms a call) get fewer chained calls, so a run stays minutes.
+        inner = int(np.clip(args.max_program_ms * 1e3 / np.median(wall), 2, args.inner))
+        short, long = (build_programs(row, mesh, n, args.unroll)[loop] for n in (inner, 2 * inner))
+        dev = sample_slope(short, long, a, inner, args.iters, args.warmup)
         p10, p50, p90 = np.percentile(dev, [10, 50, 90])
         res["ops"][op] = dict(
-            median_us=p50, p10_us=p10, p90_us=p90, wall_median_us=np.median(wall),
+            median_us=p50, p10_us=p10, p90_us=p90, wall_median_us=np.median(wall), inner=inner,
             logical_gbps=res["logical_bytes"] / p50 / 1e3,  # bytes / us / 1e3 = GB/s
             remote_gbps=res["remote_bytes"] / p50 / 1e3,
             device_us=dev.tolist(), wall_us=wall.tolist())
@@ -428,10 +431,11 @@ def markdown(report):
              "pairs(r) = (token, dest rank) pairs received by rank r (own tokens included); "
              "logical GB/s = mean_r pairs(r) * H * 2 B / t; remote GB/s = same over pairs from "
              "other ranks; combine: same bytes reversed. t = device time per call: median over "
-             f"{a['iters']} pairs of programs of {a['inner']} and {2 * a['inner']} chained calls "
+             f"{a['iters']} pairs of programs of n and 2n chained calls "
              f"({'straight-line' if a.get('unroll') else 'in a lax.fori_loop'}), timed "
-             f"alternately, of (long - short) / {a['inner']} (p10, p90 likewise): the programs' "
-             "launch cost cancels; wall = one call per program. check = max |combine(dispatch(x)) - numpy| "
+             "alternately, of (long - short) / n (p10, p90 likewise): the programs' launch cost "
+             f"cancels; n = {a['inner']}, fewer (>= 2) where a call's wall time exceeds "
+             f"{a['max_program_ms']:g} ms / {a['inner']}; wall = one call per program. check = max |combine(dispatch(x)) - numpy| "
              "/ tolerance on sampled rows, identity experts (exact for token-style rows, "
              "2^-6 * magnitude for the expert layout's weighted sum; <= 1 passes).", "",
              "| config | row | op | device us p50 | p10 | p90 | wall us/call | logical GB/s "
@@ -487,16 +491,22 @@ def plot(report, path):
 
 
 # ------------------------------------------------------------------------------ main
-FULL = dict(tokens=[4096, 128], hidden=7168, topk=8, experts=256, iters=30, warmup=3, inner=20)
-QUICK = dict(tokens=[32, 8], hidden=256, topk=8, experts=64, iters=30, warmup=2, inner=4)
-HELP = dict(tokens="tokens per rank, one config each", iters="timed programs per op",
-            warmup="untimed runs per program", inner="chained calls per timed program")
+FULL = dict(tokens=[4096, 128], hidden=7168, topk=8, experts=256, iters=30, warmup=3, inner=20,
+            max_program_ms=20)
+QUICK = dict(tokens=[32, 8], hidden=256, topk=8, experts=64, iters=30, warmup=2, inner=4,
+             max_program_ms=20)
+HELP = dict(tokens="tokens per rank, one config each", iters="timed program pairs per op",
+            warmup="untimed runs per program",
+            inner="chained calls n of the short program (the long one has 2n)",
+            max_program_ms="fewer chained calls (>= 2) for rows whose calls would make the short "
+                           "program longer than this")
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for k, v in FULL.items():
-        p.add_argument(f"--{k}", type=int, nargs="+" if k == "tokens" else None,
+        p.add_argument(f"--{k.replace('_', '-')}", type=type(v) if k != "tokens" else int,
+                       nargs="+" if k == "tokens" else None,
                        help=f"{HELP.get(k, k)} (default {v}; --quick: {QUICK[k]})")
     p.add_argument("--rows", nargs="+", help="only rows whose name contains one of these")
     p.add_argument("--seed", type=int, help="input seed (default: fresh random, printed)")

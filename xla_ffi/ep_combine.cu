@@ -57,8 +57,10 @@ __global__ void __launch_bounds__(kThreads, 1) PullRowsKernel(CommArgs c, Return
 // Expert-layout combine family (kReturnWeighted, kReturnGatherK): every block first pushes one
 // value per received slot into the source's staging and raises the slot's arrival flag, then
 // sums its tokens' values over ranks as soon as they have landed (no grid-wide wait). The push
-// (the weighted sums) is the heavy half, so no SM is kept from it: an SM split measured slower
-// (EP2: 461-530 us against 417 us without one).
+// (the weighted sums) is the heavy half and latency-bound per warp, so every warp does it.
+// Measured slower on EP2 (DeepEP config, this version 266 us): an SM split (461-530 us against
+// 417 us, older version); computing the own-rank value in the receive phase straight into out,
+// which saves its staging round trip (325 us), also with an SM split (285-369 us).
 template <typename E, int kPack>
 __global__ void __launch_bounds__(kThreads, 1) ReturnKernel(CommArgs c, ReturnArgs a) {
   const int lane = threadIdx.x % 32;
