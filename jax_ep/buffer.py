@@ -22,6 +22,12 @@ def _cuda_kernels_available() -> bool:
 SIGNAL_BYTES = 329984  # xla_ffi/ep_kernels.h kSignalBytes
 
 
+def _check_recv_sms(num_recv_sms: int, num_sms: Optional[int]) -> None:
+    if num_recv_sms < 0 or (num_sms is not None and num_recv_sms >= num_sms):
+        bound = "num_sms" if num_sms is None else f"num_sms={num_sms}"
+        raise ValueError(f"num_recv_sms must be in [0, {bound}), got {num_recv_sms}")
+
+
 def _align16(n: int) -> int:
     return (n + 15) // 16 * 16
 
@@ -82,9 +88,8 @@ class Buffer:
                                  "max_tokens_per_rank, hidden and num_topk")
         if num_sms is not None and num_sms < 1:
             raise ValueError(f"num_sms must be >= 1, got {num_sms}")
-        if num_recv_sms is not None and not (
-                0 <= num_recv_sms and (num_sms is None or num_recv_sms < num_sms)):
-            raise ValueError(f"num_recv_sms must be in [0, num_sms), got {num_recv_sms}")
+        if num_recv_sms is not None:
+            _check_recv_sms(num_recv_sms, num_sms)
         self.mesh = mesh
         self.axis_name = axis_name
         self.num_ranks = int(mesh.shape[axis_name])
@@ -112,8 +117,7 @@ class Buffer:
             # EP2 H200, DeepEP config: 66 / 100 / 120 of 132 took 295 / 260 / 338 us; 33
             # senders still push ~320 GB/s (benchmarks/nvlink_probe.cu: 24 blocks, 318 GB/s).
             num_recv_sms = num_sms - max(num_sms // 4, 1)
-        if num_recv_sms >= num_sms:
-            raise ValueError(f"num_recv_sms must be in [0, num_sms={num_sms}), got {num_recv_sms}")
+        _check_recv_sms(num_recv_sms, num_sms)  # num_sms may only now be known
         if timeout_s is None:
             timeout_s = float(os.environ.get("JAX_EP_TIMEOUT_S", "60"))
         self.slot_bytes = slot_bytes_for(hidden, num_topk)

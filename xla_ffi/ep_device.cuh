@@ -37,17 +37,6 @@ __device__ __forceinline__ uint64_t GlobalTimerNs() {
   return t;
 }
 
-__device__ inline const char* PhaseName(int phase) {
-  return phase == kPhaseEntry ? "entry barrier"
-         : phase == kPhaseCounts ? "waiting for peer counts"
-         : phase == kPhaseDone ? "exit barrier: peer still reading" : "waiting for peer data";
-}
-
-__device__ inline const char* OpName(int op) {
-  return op == kOpDispatch ? "dispatch" : op == kOpCombine ? "combine"
-         : op == kOpBroadcast ? "broadcast" : "peer copy";
-}
-
 // Spins until *flag >= epoch; on timeout reports and traps (the call then fails, never hangs).
 __device__ inline void WaitFlag(const uint64_t* flag, const CommArgs& c, int op, int phase, int peer) {
   if (LoadAcquire(flag) >= c.epoch) return;

@@ -57,6 +57,18 @@ static_assert(kSignalBytes == 329984, "keep jax_ep/buffer.py SIGNAL_BYTES in syn
 enum Phase : int { kPhaseEntry = 1, kPhaseSent = 2, kPhaseCounts = 3, kPhaseDone = 4 };
 enum Op : int { kOpDispatch = 1, kOpCombine = 2, kOpBroadcast = 3, kOpPeerCopy = 4 };
 
+// Names in timeout reports: the kernel's printf and the host's error message.
+__host__ __device__ inline const char* PhaseName(int phase) {
+  return phase == kPhaseEntry ? "entry barrier"
+         : phase == kPhaseCounts ? "waiting for peer counts"
+         : phase == kPhaseDone ? "exit barrier: peer still reading" : "waiting for peer data";
+}
+
+__host__ __device__ inline const char* OpName(int op) {
+  return op == kOpDispatch ? "dispatch" : op == kOpCombine ? "combine"
+         : op == kOpBroadcast ? "broadcast" : "peer copy";
+}
+
 struct ErrorRecord {  // host-mapped; written by a kernel that timed out
   int32_t code;       // 0 = fine, else Phase
   int32_t op;

@@ -27,16 +27,18 @@ struct DeviceGuard {
 
 }  // namespace
 
+size_t Workspace::max_ranks() const {
+  size_t n = 0;
+  for (const auto& g : config_.groups) n = std::max(n, g.size());
+  return n;
+}
+
 size_t Workspace::flags_bytes() const {
-  size_t max_ranks = 0;
-  for (const auto& g : config_.groups) max_ranks = std::max(max_ranks, g.size());
-  return (max_ranks * config_.slots_per_rank * 8 + 255) / 256 * 256;
+  return (max_ranks() * config_.slots_per_rank * 8 + 255) / 256 * 256;
 }
 
 size_t Workspace::bytes_per_device() const {
-  size_t max_ranks = 0;
-  for (const auto& g : config_.groups) max_ranks = std::max(max_ranks, g.size());
-  return kSignalBytes + flags_bytes() + max_ranks * config_.slots_per_rank * config_.slot_bytes;
+  return kSignalBytes + flags_bytes() + max_ranks() * config_.slots_per_rank * config_.slot_bytes;
 }
 
 std::unique_ptr<Workspace> Workspace::Create(const WorkspaceConfig& config, std::string* error) {
@@ -159,14 +161,8 @@ DeviceSlot* Workspace::Device(int ordinal) {
 std::string Workspace::ErrorMessage() const {
   const volatile ErrorRecord* e = error_;
   if (e == nullptr || e->code == 0) return "";
-  const char* op = e->op == kOpDispatch ? "dispatch" : e->op == kOpCombine ? "combine"
-                   : e->op == kOpBroadcast ? "broadcast" : "peer copy";
-  const char* phase = e->code == kPhaseEntry    ? "entry barrier"
-                      : e->code == kPhaseCounts ? "waiting for peer counts"
-                      : e->code == kPhaseDone   ? "exit barrier: peer still reading"
-                                                : "waiting for peer data";
-  return "jax_ep: rank " + std::to_string(e->rank) + " timed out in " + op + " (" + phase +
-         ") waiting for rank " + std::to_string(e->peer) +
+  return "jax_ep: rank " + std::to_string(e->rank) + " timed out in " + OpName(e->op) + " (" +
+         PhaseName(e->code) + ") waiting for rank " + std::to_string(e->peer) +
          "; every rank of the EP axis must run the same sequence of jax_ep calls";
 }
 

@@ -47,6 +47,7 @@ class Workspace {
 
  private:
   explicit Workspace(WorkspaceConfig config) : config_(std::move(config)) {}
+  size_t max_ranks() const;  // ranks of the largest EP group
   WorkspaceConfig config_;
   std::vector<int> ordinals_;      // device of each allocation
   std::vector<uint8_t*> bases_;
