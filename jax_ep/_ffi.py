@@ -7,9 +7,11 @@ registration is only queued, so the CUDA lowering can still be traced and inspec
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import importlib
 import importlib.util
+import os
 import warnings
 
 import jax
@@ -31,6 +33,15 @@ else:
 
 HAS_CUDA_EXTENSION: bool = _ext is not None
 
+# The NVSHMEM transport (multi-process backend "cuda") is a second extension, loaded on demand:
+# it needs NVSHMEM's host library, which the main extension must not.
+_NVSHMEM_EXT_NAME = f"{__package__}._jax_ep_nvshmem"
+_nvshmem_ext = None
+
+# Bytes of the flags/counts/pointers area at the head of every workspace: exported by the
+# extension (xla_ffi/common/comm.h kSignalBytes); the literal serves builds without it.
+SIGNAL_BYTES: int = int(getattr(_ext, "SIGNAL_BYTES", 329984))
+
 LAYOUT_TARGET = "jax_ep_dispatch_layout"
 LAYOUT_MAX_EXPERTS = 1024  # xla_ffi/layout_kernels.h kLayoutMaxExperts
 LAYOUT_MAX_RANKS = 64      # xla_ffi/layout_kernels.h kLayoutMaxRanks
@@ -45,8 +56,48 @@ def extension():
     return _ext
 
 
+def nvshmem_available() -> bool:
+    """Whether the NVSHMEM transport was built (it may still fail to load: see below)."""
+    return _ext is not None and importlib.util.find_spec(_NVSHMEM_EXT_NAME) is not None
+
+
+def _nvshmem_host_library() -> str:
+    """Path of libnvshmem_host.so.3: $NVSHMEM_HOME/lib, else the pip package nvidia-nvshmem-cu13."""
+    home = os.environ.get("NVSHMEM_HOME")
+    if not home:
+        try:
+            import nvidia.nvshmem  # noqa: PLC0415 (namespace package of the pip wheel)
+        except ImportError:
+            raise RuntimeError(
+                "jax_ep: NVSHMEM is missing: multi-process backend 'cuda' needs it "
+                "(pip install nvidia-nvshmem-cu13, or set NVSHMEM_HOME)") from None
+        home = list(nvidia.nvshmem.__path__)[0]
+    for name in ("libnvshmem_host.so.3", "libnvshmem_host.so"):
+        path = os.path.join(home, "lib", name)
+        if os.path.exists(path):
+            return path
+    raise RuntimeError(f"jax_ep: NVSHMEM is missing: no libnvshmem_host.so.3 in {home}/lib")
+
+
+def nvshmem_extension():
+    """The ``jax_ep._jax_ep_nvshmem`` module (loaded on first use), or RuntimeError saying why
+    it cannot be."""
+    global _nvshmem_ext
+    if _nvshmem_ext is not None:
+        return _nvshmem_ext
+    if not nvshmem_available():
+        raise RuntimeError(
+            "jax_ep was built without its NVSHMEM transport (NVSHMEM was not found at install "
+            "time, or nvcc was not): pip install nvidia-nvshmem-cu13, then reinstall jax_ep")
+    # Its soname must resolve before the extension loads; the library finds its plugins
+    # (bootstrap, transports) next to itself.
+    ctypes.CDLL(_nvshmem_host_library(), mode=ctypes.RTLD_GLOBAL)
+    _nvshmem_ext = importlib.import_module(_NVSHMEM_EXT_NAME)
+    return _nvshmem_ext
+
+
 def preload(devices=None) -> None:
-    """Loads the extension's kernels on each GPU of ``devices`` (default: local GPUs) now.
+    """Loads every kernel of the extension on each GPU of ``devices`` (default: local GPUs) now.
 
     Call outside jit, e.g. when an EP group is created: a kernel's first launch otherwise
     takes the driver's module-loading lock, which can deadlock against a peer kernel that spins.

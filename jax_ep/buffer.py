@@ -9,6 +9,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from . import _ffi
+from .backends import transport as transports
 
 BACKENDS = ("auto", "xla", "cuda")
 
@@ -18,8 +19,11 @@ def _cuda_kernels_available() -> bool:
     return _ffi.HAS_CUDA_EXTENSION and hasattr(_ffi.extension(), "create_workspace")
 
 
-# Flags, counts and pointers at the head of every workspace.
-SIGNAL_BYTES = 329984  # xla_ffi/ep_kernels.h kSignalBytes
+def _ep_groups(mesh: Mesh, axis_name: str) -> np.ndarray:
+    """[G, R] devices: one EP group per slice of the other mesh axes, in rank order."""
+    devices = np.asarray(mesh.devices)
+    axis = list(mesh.axis_names).index(axis_name)
+    return np.moveaxis(devices, axis, -1).reshape(-1, mesh.shape[axis_name])
 
 
 def _check_recv_sms(num_recv_sms: int, num_sms: Optional[int]) -> None:
@@ -57,7 +61,14 @@ class Buffer:
       timeout_s: backend "cuda": bound of every wait on a peer (default: env JAX_EP_TIMEOUT_S or
         60); on expiry the call fails naming the rank and phase instead of hanging.
 
+    Backend "cuda" picks its transport from the mesh (attribute `transport`): "p2p" when this
+    process drives every GPU of it, "nvshmem" when it spans processes with one GPU each
+    (jax.distributed; NVSHMEM initialises once per process). Creating and closing an "nvshmem"
+    Buffer is collective: every process does it, in the same order.
+
     Use as a context manager, or call close(). A Buffer is static state: close over it in jit.
+    An unclosed "nvshmem" Buffer keeps its memory until the process exits (freeing is
+    collective, so garbage collection does not free it).
     """
 
     def __init__(self, mesh: Mesh, axis_name: str = "ep", *, backend: str = "auto",
@@ -74,8 +85,10 @@ class Buffer:
         platforms = {d.platform for d in np.asarray(mesh.devices).ravel()}
         on_gpu = platforms == {"gpu"}
         sized = None not in (max_tokens_per_rank, hidden, num_topk)
+        groups = _ep_groups(mesh, axis_name)
         if backend == "auto":
-            backend = "cuda" if on_gpu and sized and _cuda_kernels_available() else "xla"
+            usable = on_gpu and sized and _cuda_kernels_available()
+            backend = "cuda" if usable and transports.available(groups) else "xla"
         elif backend == "cuda":
             if not on_gpu:
                 raise ValueError(f"backend 'cuda' needs a mesh of GPUs, got {sorted(platforms)}")
@@ -99,31 +112,31 @@ class Buffer:
         self.max_tokens_per_rank = max_tokens_per_rank
         self.hidden, self.num_topk = hidden, num_topk
         self.workspace_id = 0
+        self.transport = None
+        self._transport = None
         self._closed = False
         if backend == "cuda":
-            self._create_workspace(mesh, axis_name, max_tokens_per_rank, hidden, num_topk,
-                                   num_sms, num_recv_sms, timeout_s)
+            self._create_workspace(groups, max_tokens_per_rank, hidden, num_topk, num_sms,
+                                   num_recv_sms, timeout_s)
 
-    def _create_workspace(self, mesh, axis_name, max_tokens, hidden, num_topk, num_sms,
-                          num_recv_sms, timeout_s):
-        devices = np.asarray(mesh.devices)
-        axis = list(mesh.axis_names).index(axis_name)
-        groups = np.moveaxis(devices, axis, -1).reshape(-1, self.num_ranks)
-        if any(d.process_index != jax.process_index() for d in groups.ravel()):
-            raise NotImplementedError("backend 'cuda' drives the GPUs of one process only")
+    def _create_workspace(self, groups, max_tokens, hidden, num_topk, num_sms, num_recv_sms,
+                          timeout_s):
+        if timeout_s is None:
+            timeout_s = float(os.environ.get("JAX_EP_TIMEOUT_S", "60"))
+        transport = transports.for_groups(groups, timeout_s)
         if num_sms is None:
-            num_sms = min(getattr(groups[0, 0], "core_count", 132) or 132, 256)
+            local = [d for d in groups.ravel() if d.process_index == jax.process_index()]
+            num_sms = min(getattr(local[0], "core_count", 132) or 132, 256)
         if num_recv_sms is None:
             # EP2 H200, DeepEP config: 66 / 100 / 120 of 132 took 295 / 260 / 338 us; 33
             # senders still push ~320 GB/s (benchmarks/nvlink_probe.cu: 24 blocks, 318 GB/s).
             num_recv_sms = num_sms - max(num_sms // 4, 1)
         _check_recv_sms(num_recv_sms, num_sms)  # num_sms may only now be known
-        if timeout_s is None:
-            timeout_s = float(os.environ.get("JAX_EP_TIMEOUT_S", "60"))
         self.slot_bytes = slot_bytes_for(hidden, num_topk)
-        self.workspace_id = _ffi.extension().create_workspace(
-            [[int(d.local_hardware_id) for d in g] for g in groups], int(max_tokens),
-            int(self.slot_bytes), int(num_sms), int(num_recv_sms), int(timeout_s * 1e9))
+        spec = transports.WorkspaceSpec(int(max_tokens), int(self.slot_bytes), int(num_sms),
+                                        int(num_recv_sms), int(timeout_s * 1e9))
+        self.workspace_id = transport.create_workspace(groups, spec)
+        self._transport, self.transport = transport, transport.name
         self.num_sms, self.num_recv_sms = num_sms, num_recv_sms
 
     def check_fits(self, num_tokens: int, hidden: int, num_topk: int) -> None:
@@ -139,8 +152,8 @@ class Buffer:
 
     def check(self) -> None:
         """Raises RuntimeError if a kernel of this Buffer timed out waiting for a peer."""
-        if self.workspace_id:
-            message = _ffi.extension().workspace_error(self.workspace_id)
+        if self.workspace_id and not self._closed:
+            message = self._transport.error(self.workspace_id)
             if message:
                 raise RuntimeError(message)
 
@@ -158,17 +171,21 @@ class Buffer:
             raise ValueError(f"num_experts ({num_experts}) must be a multiple of num_ranks "
                              f"({num_ranks})")
         del dtype
-        flags = -(-num_ranks * max_tokens_per_rank * 8 // 256) * 256  # an arrival flag per slot
-        return (SIGNAL_BYTES + flags
-                + num_ranks * max_tokens_per_rank * slot_bytes_for(hidden, num_topk))
+        spec = transports.WorkspaceSpec(max_tokens_per_rank, slot_bytes_for(hidden, num_topk),
+                                        1, 0, 0)
+        return spec.bytes_per_rank(num_ranks)
 
     def close(self) -> None:
-        """Frees the device workspace (nothing to free for the xla backend). Idempotent."""
+        """Frees the device workspace (nothing to free for the xla backend). Idempotent.
+        Collective for the "nvshmem" transport: every process closes it, in the same order."""
         if self.workspace_id and not self._closed:
-            _ffi.extension().release_workspace(self.workspace_id)
+            self._closed = True
+            self._transport.release(self.workspace_id)
         self._closed = True
 
     def __del__(self):
+        if getattr(self, "transport", None) in (None, "nvshmem"):
+            return  # nothing to free, or freeing is collective: it stays until the process exits
         try:
             self.close()
         except Exception:  # noqa: BLE001 (interpreter shutdown)
@@ -185,5 +202,6 @@ class Buffer:
         self.close()
 
     def __repr__(self) -> str:
+        transport = f", transport={self.transport!r}" if self.transport else ""
         return (f"Buffer(axis={self.axis_name!r}, ranks={self.num_ranks}, "
-                f"backend={self.backend!r}, checked={self.checked})")
+                f"backend={self.backend!r}{transport}, checked={self.checked})")

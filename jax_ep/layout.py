@@ -38,7 +38,11 @@ def dispatch_layout_xla(topk_idx, num_experts: int, num_ranks: int) -> DispatchL
     is_token_in_rank = jnp.any(dst_rank[:, :, None] == jnp.arange(num_ranks)[None, None], axis=1)
     # Invalid slots go to an extra bin that is cut off; integer scatter-adds are exact.
     bins = jnp.where(valid, topk_idx, num_experts).reshape(-1)
-    per_expert = jnp.zeros(num_experts + 1, jnp.int32).at[bins].add(1)[:num_experts]
+    if bins.size:
+        per_expert = jnp.zeros(num_experts + 1, jnp.int32).at[bins].add(1)[:num_experts]
+    else:  # T = 0: a scatter of nothing would be a constant, not varying like topk_idx
+        hits = topk_idx[:, :, None] == jnp.arange(num_experts, dtype=jnp.int32)
+        per_expert = jnp.sum(hits, axis=(0, 1), dtype=jnp.int32)
     return DispatchLayout(
         num_tokens_per_rank=jnp.sum(is_token_in_rank, axis=0, dtype=jnp.int32),
         num_tokens_per_expert=per_expert,

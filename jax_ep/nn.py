@@ -214,6 +214,16 @@ def _align_up(n: int, a: int) -> int:
     return -(-n // a) * a
 
 
+def _place(value, sharding: NamedSharding):
+    """`value` (the same full array on every process) laid out on `sharding`. A mesh over
+    several processes gets each process's own shards only: device_put would first compare the
+    values across processes with an XLA collective, which processes sharing a GPU cannot run."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(value, sharding)
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 @dataclasses.dataclass(frozen=True)
 class _ShardConfig:
     router: RouterConfig
@@ -223,6 +233,7 @@ class _ShardConfig:
     dtype: Any
     has_bias: bool
     has_shared: bool
+    with_stats: bool  # aux loss, drops and counts over the EP group (psums); else none
 
 
 class MoE(nnx.Module):
@@ -276,14 +287,14 @@ class MoE(nnx.Module):
         mesh, ax = buffer.mesh, buffer.axis_name
         experts = NamedSharding(mesh, P(ax, None, None))
         replicated = NamedSharding(mesh, P())
-        self.router.kernel[...] = jax.device_put(self.router.kernel[...], replicated)
+        self.router.kernel[...] = _place(self.router.kernel[...], replicated)
         if self.router.bias is not None:
-            self.router.bias[...] = jax.device_put(self.router.bias[...], replicated)
+            self.router.bias[...] = _place(self.router.bias[...], replicated)
 
         def stacked(key, shape):
             init = jax.nn.initializers.variance_scaling(
                 1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,))
-            return nnx.Param(jax.device_put(init(key, shape, param_dtype), experts))
+            return nnx.Param(_place(init(key, shape, param_dtype), experts))
 
         e, h, f = num_experts, hidden, intermediate
         self.w_gate = stacked(rngs.params(), (e, h, f))
@@ -295,8 +306,7 @@ class MoE(nnx.Module):
             init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
             def dense(shape):
-                return nnx.Param(jax.device_put(init(rngs.params(), shape, param_dtype),
-                                                replicated))
+                return nnx.Param(_place(init(rngs.params(), shape, param_dtype), replicated))
 
             self.shared_gate, self.shared_up = dense((h, fs)), dense((h, fs))
             self.shared_down = dense((fs, h))
@@ -327,7 +337,11 @@ class MoE(nnx.Module):
     # -------------------------------------------------------------- forward
 
     def __call__(self, x, *, return_aux: bool = False):
-        """x [..., H] -> [..., H] (or MoEOutput with return_aux=True)."""
+        """x [..., H] -> [..., H] (or MoEOutput with return_aux=True).
+
+        Only return_aux=True computes the group-wide statistics (the load-balance loss, drops
+        and counts: psums over the EP axis); without it the layer runs no XLA collective besides
+        what the backend itself needs (backend "cuda": none)."""
         if x.ndim < 2 or x.shape[-1] != self.hidden:
             raise ValueError(f"MoE expects [..., {self.hidden}] inputs, got {x.shape}")
         lead = x.shape[:-1]
@@ -339,7 +353,7 @@ class MoE(nnx.Module):
         t_local = n // r
         cfg = _ShardConfig(self.router.config, self.num_experts, self.recv_capacity(t_local),
                            self.expert_alignment, self.dtype, self.router.bias is not None,
-                           self.num_shared_experts > 0)
+                           self.num_shared_experts > 0, bool(return_aux))
         kernel, bias, wg, wu, wd, sg, su, sd = self._weights()
         ax = self.buffer.axis_name
         args, specs = [x.reshape(n, self.hidden), kernel, wg, wu, wd], [P(ax), P(), P(ax),
@@ -351,11 +365,10 @@ class MoE(nnx.Module):
             args += [sg, su, sd]
             specs += [P(), P(), P()]
         fn = _sharded_moe(cfg, self.buffer, tuple(specs))
+        if not return_aux:
+            return fn(*args).reshape(x.shape)
         y, aux_loss, dropped, counts = fn(*args)
-        y = y.reshape(x.shape)
-        if return_aux:
-            return MoEOutput(y, aux_loss, dropped, counts)
-        return y
+        return MoEOutput(y.reshape(x.shape), aux_loss, dropped, counts)
 
 
 @functools.lru_cache(maxsize=64)
@@ -367,8 +380,9 @@ def _sharded_moe(cfg: _ShardConfig, buffer: Buffer, in_specs):
     def shard(*a):
         return _moe_shard(cfg, buffer, *a)
 
+    out_specs = (P(ax), P(), P(), P()) if cfg.with_stats else P(ax)
     return jax.jit(jax.shard_map(shard, mesh=buffer.mesh, in_specs=in_specs,
-                                 out_specs=(P(ax), P(), P(), P())))
+                                 out_specs=out_specs))
 
 
 def _moe_shard(cfg: _ShardConfig, buffer: Buffer, x, kernel, wg, wu, wd, *rest):
@@ -377,7 +391,6 @@ def _moe_shard(cfg: _ShardConfig, buffer: Buffer, x, kernel, wg, wu, wd, *rest):
     bias = rest.pop(0) if cfg.has_bias else None
     ax = buffer.axis_name
     routing = route(cfg.router, kernel, x, bias)
-    aux_loss, counts = load_balance_stats(cfg.router, routing, ax)
     xc = x.astype(cfg.dtype)
     res = dispatch(buffer, xc, routing.topk_idx, routing.topk_weights,
                    num_experts=cfg.num_experts, layout="expert",
@@ -388,8 +401,11 @@ def _moe_shard(cfg: _ShardConfig, buffer: Buffer, x, kernel, wg, wu, wd, *rest):
     out = combine(buffer, y, res.handle)
     if cfg.has_shared:
         out = (out.astype(f32) + swiglu(xc, *rest, cfg.dtype).astype(f32)).astype(cfg.dtype)
-    dropped = lax.psum(res.num_dropped, ax)
-    return out.astype(x.dtype), aux_loss, dropped, counts
+    out = out.astype(x.dtype)
+    if not cfg.with_stats:
+        return out
+    aux_loss, counts = load_balance_stats(cfg.router, routing, ax)
+    return out, aux_loss, lax.psum(res.num_dropped, ax), counts
 
 
 # ------------------------------------------------------------------------------ oracle
@@ -404,8 +420,16 @@ def dense_reference(moe: MoE, x, *, return_aux: bool = False):
     def local(a):  # gathered to the host, then one (the default) device, uncommitted
         return None if a is None else jnp.asarray(np.asarray(a))
 
-    kernel, bias, wg, wu, wd, sg, su, sd = map(local, moe._weights())
-    x = local(x)
+    return dense_forward(moe, tuple(map(local, moe._weights())), local(x), return_aux=return_aux)
+
+
+def dense_forward(moe: MoE, weights, x, *, return_aux: bool = False):
+    """dense_reference on given weights (traceable: differentiate it w.r.t. weights or x).
+
+    weights: (router kernel [H, E], bias [E] or None, w_gate [E, H, F], w_up [E, H, F],
+    w_down [E, F, H], shared gate/up/down or None), as MoE holds them, on one device.
+    """
+    kernel, bias, wg, wu, wd, sg, su, sd = weights
     cfg, dtype = moe.router.config, moe.dtype
     xf = x.reshape(-1, x.shape[-1])
     n = xf.shape[0]

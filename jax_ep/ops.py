@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import checkify
 
-from . import reference
+from . import backends
 from .buffer import Buffer
 from .layout import check_topk_idx
 from .types import DispatchConfig, DispatchHandle, DispatchResult
@@ -22,11 +22,8 @@ _FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 _LAYOUTS = ("token", "expert")
 
 
-def _backend_module(backend: str):
-    if backend == "xla":
-        return reference
-    from . import cuda_backend  # noqa: PLC0415 (needs the extension)
-    return cuda_backend
+def _backend_module(backend: str) -> backends.Backend:
+    return backends.get(backend)
 
 
 def _axis_size(axis_name) -> int:

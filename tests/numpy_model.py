@@ -32,13 +32,13 @@ def align_up(n: int, a: int) -> int:
 
 def default_capacity(layout: str, num_ranks: int, tokens: int, topk: int, num_experts: int,
                      expert_alignment: int = 1) -> int:
-    """Default recv_capacity C of the contract."""
+    """Default recv_capacity C of the contract (at least one row, also when T = 0)."""
     if layout == "token":
-        return num_ranks * tokens
+        return max(num_ranks * tokens, 1)
     if layout == "expert":
         a = expert_alignment
         e_local = num_experts // num_ranks
-        return align_up(num_ranks * tokens * topk + e_local * (a - 1), a)
+        return max(align_up(num_ranks * tokens * topk + e_local * (a - 1), a), 1)
     raise ValueError(layout)
 
 

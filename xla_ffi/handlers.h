@@ -4,8 +4,8 @@
 
 namespace jax_ep {
 
-void* DispatchLayoutHandler();  // target "jax_ep_dispatch_layout" (layout_ffi.cc)
-void* DispatchHandler();        // target "jax_ep_dispatch" (ep_ffi.cc)
+void* DispatchLayoutHandler();  // target "jax_ep_dispatch_layout" (layout/layout_ffi.cc)
+void* DispatchHandler();        // target "jax_ep_dispatch" (intranode/intranode_ffi.cc)
 void* ReturnHandler();          // target "jax_ep_combine"
 void* BroadcastHandler();       // target "jax_ep_broadcast"
 void* PeerCopyHandler();        // target "jax_ep_peer_copy"

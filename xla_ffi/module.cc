@@ -8,9 +8,9 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
-#include "ep_runtime.h"
 #include "handlers.h"
-#include "layout_kernels.h"
+#include "layout/layout_kernels.h"
+#include "runtime/workspace.h"
 
 namespace nb = nanobind;
 
@@ -34,30 +34,53 @@ NB_MODULE(_jax_ep_cuda, m) {
   m.def(
       "preload",
       [](int device) {
-        const cudaError_t err = jax_ep::PreloadLayoutKernels(device);
+        const cudaError_t err = jax_ep::PreloadKernels(device);
         if (err != cudaSuccess) {
           throw std::runtime_error("jax_ep: loading kernels on GPU " + std::to_string(device) +
                                    ": " + cudaGetErrorString(err));
         }
       },
       nb::arg("device"),
-      "Load the kernels on CUDA device `device` now (not lazily at a first launch).");
+      "Load every kernel on CUDA device `device` now (not lazily at a first launch).");
+
+  m.attr("SIGNAL_BYTES") = jax_ep::kSignalBytes;
+  m.attr("MAX_RANKS") = jax_ep::kMaxRanks;
+  m.attr("PEER_MAPPING_ABI") = jax_ep::kPeerMappingAbi;
 
   m.def(
       "create_workspace",
       [](std::vector<std::vector<int>> groups, size_t slots_per_rank, size_t slot_bytes,
-         int num_blocks, int num_recv_blocks, uint64_t timeout_ns) {
+         int num_blocks, int num_recv_blocks, uint64_t timeout_ns, nb::object mapping) {
         jax_ep::WorkspaceConfig config{std::move(groups), slots_per_rank, slot_bytes, num_blocks,
                                        num_recv_blocks, timeout_ns};
+        std::unique_ptr<jax_ep::PeerMapping> peers;
+        if (mapping.is_none()) {
+          peers = jax_ep::MakeP2PMapping();
+        } else {
+          auto capsule = nb::cast<nb::capsule>(mapping);
+          const char* name = capsule.name();
+          if (name == nullptr || std::string(name) != jax_ep::kPeerMappingCapsule) {
+            throw std::invalid_argument("jax_ep: mapping must be a jax_ep.PeerMappingOps capsule");
+          }
+          const auto* ops = static_cast<const JaxEpPeerMappingOps*>(capsule.data());
+          if (ops->abi_version != jax_ep::kPeerMappingAbi) {
+            throw std::runtime_error("jax_ep: the peer-mapping extension has ABI " +
+                                     std::to_string(ops->abi_version) + ", expected " +
+                                     std::to_string(jax_ep::kPeerMappingAbi) +
+                                     " (rebuild jax_ep)");
+          }
+          peers = jax_ep::MakeExternalMapping(ops);
+        }
         std::string error;
-        auto ws = jax_ep::Workspace::Create(config, &error);
+        auto ws = jax_ep::Workspace::Create(config, std::move(peers), &error);
         if (ws == nullptr) throw std::runtime_error(error);
         return jax_ep::RegisterWorkspace(std::move(ws));
       },
       nb::arg("groups"), nb::arg("slots_per_rank"), nb::arg("slot_bytes"), nb::arg("num_blocks"),
-      nb::arg("num_recv_blocks"), nb::arg("timeout_ns"),
-      "Allocates the EP workspaces (groups: device ordinals of each EP group in rank order), "
-      "enables peer access and loads the kernels; returns the workspace id.");
+      nb::arg("num_recv_blocks"), nb::arg("timeout_ns"), nb::arg("mapping") = nb::none(),
+      "Allocates the EP workspaces and maps the peers, loads the kernels; returns the workspace "
+      "id. mapping=None: P2P in this process (groups: device ordinals of each EP group in rank "
+      "order); else a PeerMappingOps capsule (NVSHMEM; groups: PEs).");
   m.def("release_workspace", &jax_ep::ReleaseWorkspace, nb::arg("id"),
         "Frees a workspace (waits for the devices first).");
   m.def(

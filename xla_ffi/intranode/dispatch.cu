@@ -1,17 +1,20 @@
 // Dispatch kernels: the routing-rank prefix (slot ranks) and the NVLink dispatch itself, both
-// layouts (see ep_kernels.h for the protocol).
-#include "ep_device.cuh"
+// layouts, direct or staged (see intranode.h for how each moves data).
+#include "../common/device.cuh"
+#include "intranode.h"
 
 namespace jax_ep {
 namespace {
 
-// Staging slot of an expert-layout dispatch: one token's routing metadata (the row itself goes
-// straight to the receiver's output): [topk idx | topk weights | pos_in_src], K entries each.
+// Staging slot of a dispatch: one token's routing metadata [topk idx | topk weights |
+// pos_in_src] (K entries each) and, when staged, its row and scales (direct: the row goes straight
+// to the receiver's output and the slot is used by the expert layout only).
 struct DispatchSlot {
-  size_t idx_off, w_off, pos_off;
-  __host__ __device__ explicit DispatchSlot(int num_topk)
-      : idx_off(0), w_off(size_t(num_topk) * 4), pos_off(size_t(num_topk) * 8) {}
-  __host__ __device__ static size_t bytes(int num_topk) { return Align16(size_t(num_topk) * 12); }
+  size_t idx_off, w_off, pos_off, row_off, scales_off, bytes;
+  __host__ __device__ DispatchSlot(int num_topk, size_t row_bytes, int num_scales, bool staged)
+      : idx_off(0), w_off(size_t(num_topk) * 4), pos_off(size_t(num_topk) * 8),
+        row_off(Align16(size_t(num_topk) * 12)), scales_off(row_off + Align16(row_bytes)),
+        bytes(staged ? scales_off + Align16(size_t(num_scales) * 4) : row_off) {}
 };
 
 __device__ __forceinline__ int CountAt(const int32_t* counts, int src, int column) {
@@ -61,7 +64,9 @@ __device__ void ExpertTables(const CommArgs& c, const int32_t* counts, int num_l
 
 // ------------------------------------------------------------------ dispatch
 
-template <typename V>
+// kExpert: the layout (token | expert). kStaged: rows travel through the receivers' staging
+// slots (peers in other processes), else straight into the receivers' outputs.
+template <typename V, bool kExpert, bool kStaged>
 __global__ void __launch_bounds__(kThreads, 1) DispatchKernel(CommArgs c, DispatchArgs a) {
   // Expert layout: base [E] | start [L + 1] | total [L]; token layout: rows per expert [L].
   extern __shared__ int smem[];
@@ -71,9 +76,12 @@ __global__ void __launch_bounds__(kThreads, 1) DispatchKernel(CommArgs c, Dispat
   const int lane = threadIdx.x % 32;
   const int num_ranks = c.num_ranks, rank = c.rank, num_topk = a.num_topk;
   const int num_local = a.num_local_experts, cap = a.recv_capacity, s_cap = a.send_capacity;
-  const bool expert = a.expert_layout;
+  constexpr bool expert = kExpert;
+  // Per-slot arrival flags: the expert layout and every staged dispatch; else per-block flags.
+  constexpr bool slot_flags = kExpert || kStaged;
   const size_t row_bytes = a.x_row_bytes;
-  // SM split (expert layout): senders push, receivers expand each row as it lands.
+  const DispatchSlot meta(num_topk, row_bytes, a.num_scales, kStaged);
+  // SM split (slot flags): senders push, receivers lay each row out as it lands.
   const Roles roles(a.num_recv_blocks);
   const bool sender = roles.sender, receiver = roles.receiver;
   const int swarp = roles.swarp, num_swarps = roles.num_swarps;
@@ -88,8 +96,8 @@ __global__ void __launch_bounds__(kThreads, 1) DispatchKernel(CommArgs c, Dispat
 
   EntryBarrier(c, kOpDispatch);
 
-  // Block 0 publishes my routing counts (tokens per rank, per expert) and output pointers to
-  // every peer; everyone waits for all of them, then derives its offsets locally.
+  // Block 0 publishes my routing counts (tokens per rank, per expert) and, direct only, my output
+  // pointers to every peer; everyone waits for all of them, then derives its offsets locally.
   if (blockIdx.x == 0) {
     const int row_len = num_ranks + a.num_experts;
     for (int q = threadIdx.x; q < num_ranks * row_len; q += blockDim.x) {
@@ -102,7 +110,7 @@ __global__ void __launch_bounds__(kThreads, 1) DispatchKernel(CommArgs c, Dispat
         row[kMaxRanks + j - num_ranks] = a.tokens_per_expert[j - num_ranks];
       }
     }
-    if (threadIdx.x < num_ranks) {
+    if (!kStaged && threadIdx.x < num_ranks) {
       uint64_t* ptrs = reinterpret_cast<uint64_t*>(c.peer_ws[threadIdx.x] + kPtrOffset) +
                        rank * kNumPtrs;
       ptrs[0] = reinterpret_cast<uint64_t>(a.recv_x);
@@ -129,8 +137,10 @@ __global__ void __launch_bounds__(kThreads, 1) DispatchKernel(CommArgs c, Dispat
     for (int q = 0; q < rank; ++q) before += CountAt(counts, q, d);
     s_dst_offset[d] = before;
     s_count[d] = CountAt(counts, d, rank);  // tokens rank d routes to me
-    const auto* ptrs = reinterpret_cast<const unsigned long long*>(c.peer_ws[rank] + kPtrOffset);
-    for (int q = 0; q < kNumPtrs; ++q) s_dst_ptr[d][q] = __ldcg(ptrs + d * kNumPtrs + q);
+    if (!kStaged) {
+      const auto* ptrs = reinterpret_cast<const unsigned long long*>(c.peer_ws[rank] + kPtrOffset);
+      for (int q = 0; q < kNumPtrs; ++q) s_dst_ptr[d][q] = __ldcg(ptrs + d * kNumPtrs + q);
+    }
   }
   if (expert) ExpertTables(c, counts, num_local, a.expert_alignment, base, start, total);
   __syncthreads();
@@ -167,11 +177,10 @@ __global__ void __launch_bounds__(kThreads, 1) DispatchKernel(CommArgs c, Dispat
     }
   }
 
-  // Push: one warp per token; the row crosses NVLink once per destination rank, straight to
-  // its final row there (expert layout: the row of its first expert on that rank). The row is
-  // read once and stored to every destination.
+  // Push: one warp per token; the row crosses the link once per destination rank: direct,
+  // straight to its final row there (expert layout: the row of its first expert on that rank);
+  // staged, into its staging slot there. The row is read once and stored to every destination.
   if (sender) {
-    const DispatchSlot meta(num_topk);
     for (int t = swarp; t < a.num_tokens; t += num_swarps) {
       const int my_slot = lane < num_ranks ? a.send_pos[size_t(t) * num_ranks + lane] : -1;
       const unsigned dests = __ballot_sync(kFull, my_slot >= 0);
@@ -182,7 +191,8 @@ __global__ void __launch_bounds__(kThreads, 1) DispatchKernel(CommArgs c, Dispat
         e = a.topk_idx[tk], w = a.topk_weights[tk];
         if (expert) pos = a.pos_in_src[tk];
       }
-      int my_row = cap;  // lane d: where the row goes on rank d (cap: nowhere)
+      // Lane d: where the row goes on rank d (cap: nowhere; the row would be dropped there).
+      int my_row = cap;
       for (unsigned m = dests; m; m &= m - 1) {  // destination rows and routing metadata
         const int d = __ffs(m) - 1;
         const int slot = __shfl_sync(kFull, my_slot, d);
@@ -191,7 +201,7 @@ __global__ void __launch_bounds__(kThreads, 1) DispatchKernel(CommArgs c, Dispat
         int row = cap;
         if (!expert) {
           row = min(s_dst_offset[d] + slot, cap);  // beyond capacity: dropped, counted there
-          if (row < cap && lane < num_topk) {
+          if (!kStaged && row < cap && lane < num_topk) {
             const size_t rk = size_t(row) * num_topk + lane;
             reinterpret_cast<int32_t*>(s_dst_ptr[d][2])[rk] = local ? j : -1;
             reinterpret_cast<float*>(s_dst_ptr[d][3])[rk] = local ? w : 0.f;
@@ -200,41 +210,42 @@ __global__ void __launch_bounds__(kThreads, 1) DispatchKernel(CommArgs c, Dispat
           const int row_k = local ? min(base[e] + pos, cap) : cap;
           const unsigned stored = __ballot_sync(kFull, row_k < cap);
           if (stored) row = __shfl_sync(kFull, row_k, __ffs(stored) - 1);
+        }
+        if (slot_flags && lane < num_topk) {
           uint8_t* dst = Slot(c, d, rank, slot);
-          if (lane < num_topk) {
-            reinterpret_cast<int32_t*>(dst + meta.idx_off)[lane] = e;
-            reinterpret_cast<float*>(dst + meta.w_off)[lane] = w;
-            reinterpret_cast<int32_t*>(dst + meta.pos_off)[lane] = pos;
-          }
+          reinterpret_cast<int32_t*>(dst + meta.idx_off)[lane] = e;
+          reinterpret_cast<float*>(dst + meta.w_off)[lane] = w;
+          reinterpret_cast<int32_t*>(dst + meta.pos_off)[lane] = pos;
         }
         if (lane == d) my_row = row;
       }
       const unsigned copies = __ballot_sync(kFull, my_row < cap);
-      auto dst_row = [&](int d, int q) {  // q: row bytes / scale index
-        return size_t(__shfl_sync(kFull, my_row, d)) * q;
+      auto row_dst = [&](int d, int ptr, size_t off, size_t row_stride) -> uint8_t* {
+        if (kStaged) return Slot(c, d, rank, __shfl_sync(kFull, my_slot, d)) + off;
+        return reinterpret_cast<uint8_t*>(s_dst_ptr[d][ptr]) +
+               size_t(__shfl_sync(kFull, my_row, d)) * row_stride;
       };
-      WarpCopyToRows<V, true>(
-          copies,
-          [&](int d) { return reinterpret_cast<uint8_t*>(s_dst_ptr[d][0]) + dst_row(d, int(row_bytes)); },
-          a.x + size_t(t) * row_bytes, row_bytes, lane);
-      if (a.num_scales) {
-        WarpCopyToRows<int, true>(
-            copies,
-            [&](int d) {
-              return reinterpret_cast<uint8_t*>(s_dst_ptr[d][1]) + dst_row(d, a.num_scales * 4);
-            },
-            reinterpret_cast<const uint8_t*>(a.scales + size_t(t) * a.num_scales),
-            size_t(a.num_scales) * 4, lane);
+      if (copies) {
+        WarpCopyToRows<V, true>(
+            copies, [&](int d) { return row_dst(d, 0, meta.row_off, row_bytes); },
+            a.x + size_t(t) * row_bytes, row_bytes, lane);
+        if (a.num_scales) {
+          const size_t scale_bytes = size_t(a.num_scales) * 4;
+          WarpCopyToRows<int, true>(
+              copies, [&](int d) { return row_dst(d, 1, meta.scales_off, scale_bytes); },
+              reinterpret_cast<const uint8_t*>(a.scales + size_t(t) * a.num_scales), scale_bytes,
+              lane);
+        }
       }
-      if (expert) {
+      if (slot_flags) {
         __syncwarp();  // every lane's stores precede the releases (cumulativity)
         if (my_slot >= 0) StoreRelease(SlotFlag(c, lane, rank, my_slot), c.epoch);
       }
     }
-    if (!expert) SignalSent(c);
+    if (!slot_flags) SignalSent(c);
   }
 
-  if (receiver && !expert) {  // the rows already sit in recv_x: only the bookkeeping is left
+  if (receiver && !expert && !kStaged) {  // the rows already sit in recv_x: only bookkeeping
     for (int step = 0; step < num_ranks; ++step) {
       const int s = (rank + step) % num_ranks;  // own slots first: they land earliest
       const int num_in = min(s_count[s], s_cap);
@@ -254,12 +265,42 @@ __global__ void __launch_bounds__(kThreads, 1) DispatchKernel(CommArgs c, Dispat
     }
   }
 
-  // Expert layout: as each slot lands, write its rows' metadata and copy its row from the first
-  // expert row (where the sender put it) into the others; all copies are local. Slots are taken
-  // slot-major across sources, the order every sender produces them in: source-major order left
-  // the remote half of the expansion until after the senders had finished.
+  // Staged token layout: as each slot lands, copy it to its row (source s's i-th token lands at
+  // s_offset[s] + i). Slot-major across sources, the order the senders produce them in.
+  if (receiver && !expert && kStaged) {
+    for (int q = rwarp; q < num_ranks * s_cap; q += num_rwarps) {
+      const int i = q / num_ranks, s = (rank + q % num_ranks) % num_ranks;
+      const size_t src_slot = size_t(s) * s_cap + i;
+      const int row = s_offset[s] + i;
+      const bool stored = i < min(s_count[s], s_cap) && row < cap;
+      if (lane == 0) a.recv_rows[src_slot] = stored ? row : cap;
+      if (!stored) continue;  // nothing to read: the slot is not waited for
+      if (lane == 0) WaitFlag(SlotFlag(c, rank, s, i), c, kOpDispatch, kPhaseSent, s);
+      __syncwarp();
+      const uint8_t* slot = Slot(c, rank, s, i);
+      if (lane < num_topk) {
+        const int j = LoadStaged<int32_t>(slot + meta.idx_off, lane) - rank * num_local;
+        const bool local = j >= 0 && j < num_local;
+        const size_t rk = size_t(row) * num_topk + lane;
+        a.recv_topk_idx[rk] = local ? j : -1;
+        a.recv_topk_weights[rk] = local ? LoadStaged<float>(slot + meta.w_off, lane) : 0.f;
+        if (local) atomicAdd(hist + j, 1);
+      }
+      if (lane == 0) a.row_src[row] = int(src_slot);
+      WarpCopy<V, false>(a.recv_x + size_t(row) * row_bytes, slot + meta.row_off, row_bytes, lane);
+      if (a.num_scales) {
+        WarpCopy<int, false>(reinterpret_cast<uint8_t*>(a.recv_scales + size_t(row) * a.num_scales),
+                             slot + meta.scales_off, size_t(a.num_scales) * 4, lane);
+      }
+    }
+  }
+
+  // Expert layout: as each slot lands, write its rows' metadata and copy its row into its expert
+  // rows (direct: from the first one, where the sender put it; staged: from the slot); all copies
+  // are local. Slots are taken slot-major across sources, the order every sender produces them
+  // in: source-major order left the remote half of the expansion until after the senders had
+  // finished.
   if (receiver && expert) {
-    const DispatchSlot meta(num_topk);
     for (int q = rwarp; q < num_ranks * s_cap; q += num_rwarps) {
       const int i = q / num_ranks, s = (rank + q % num_ranks) % num_ranks;
       const size_t src_slot = size_t(s) * s_cap + i;
@@ -290,20 +331,24 @@ __global__ void __launch_bounds__(kThreads, 1) DispatchKernel(CommArgs c, Dispat
       unsigned rows = __ballot_sync(kFull, row < cap);
       if (!rows) continue;
       const int first = __shfl_sync(kFull, row, __ffs(rows) - 1);
-      rows &= rows - 1;  // the others
+      if (!kStaged) rows &= rows - 1;  // the first row already holds the data
+      if (!rows) continue;
+      const uint8_t* src_row = kStaged ? slot + meta.row_off : a.recv_x + size_t(first) * row_bytes;
       WarpCopyToRows<V, false>(
           rows,
           [&](int k) { return a.recv_x + size_t(__shfl_sync(kFull, row, k)) * row_bytes; },
-          a.recv_x + size_t(first) * row_bytes, row_bytes, lane);
+          src_row, row_bytes, lane);
       if (a.num_scales) {
+        const uint8_t* src_scales =
+            kStaged ? slot + meta.scales_off
+                    : reinterpret_cast<const uint8_t*>(a.recv_scales + size_t(first) * a.num_scales);
         WarpCopyToRows<int, false>(
             rows,
             [&](int k) {
               return reinterpret_cast<uint8_t*>(a.recv_scales +
                                                 size_t(__shfl_sync(kFull, row, k)) * a.num_scales);
             },
-            reinterpret_cast<const uint8_t*>(a.recv_scales + size_t(first) * a.num_scales),
-            size_t(a.num_scales) * 4, lane);
+            src_scales, size_t(a.num_scales) * 4, lane);
       }
     }
   }
@@ -380,11 +425,22 @@ __global__ void __launch_bounds__(kRankThreads) SlotRanksKernel(const int32_t* t
 
 template <typename V>
 struct DispatchLauncher {
-  static cudaError_t Run(const CommArgs& c, const DispatchArgs& a, cudaStream_t stream) {
-    const size_t smem = sizeof(int) * (a.expert_layout ? a.num_experts + 2 * a.num_local_experts + 1
-                                                       : a.num_local_experts);
-    DispatchKernel<V><<<c.num_blocks, kThreads, smem, stream>>>(c, a);
+  template <bool kExpert, bool kStaged>
+  static cudaError_t Launch(const CommArgs& c, const DispatchArgs& a, cudaStream_t stream) {
+    const size_t smem = sizeof(int) * (kExpert ? a.num_experts + 2 * a.num_local_experts + 1
+                                               : a.num_local_experts);
+    DispatchKernel<V, kExpert, kStaged><<<c.num_blocks, kThreads, smem, stream>>>(c, a);
     return cudaGetLastError();
+  }
+  static cudaError_t Run(const CommArgs& c, const DispatchArgs& a, cudaStream_t stream) {
+    if (a.expert_layout) {
+      return c.staged ? Launch<true, true>(c, a, stream) : Launch<true, false>(c, a, stream);
+    }
+    return c.staged ? Launch<false, true>(c, a, stream) : Launch<false, false>(c, a, stream);
+  }
+  static void Load(cudaError_t& err) {
+    Touch(err, DispatchKernel<V, false, false>), Touch(err, DispatchKernel<V, false, true>);
+    Touch(err, DispatchKernel<V, true, false>), Touch(err, DispatchKernel<V, true, true>);
   }
 };
 
@@ -403,17 +459,18 @@ cudaError_t LaunchSlotRanks(const int32_t* topk_idx, int num_slots, int num_expe
   return cudaGetLastError();
 }
 
-size_t DispatchSlotBytes(int num_topk) { return DispatchSlot::bytes(num_topk); }
+size_t DispatchSlotBytes(int num_topk, size_t row_bytes, int num_scales, bool staged) {
+  return DispatchSlot(num_topk, row_bytes, num_scales, staged).bytes;
+}
 
 cudaError_t PreloadDispatchKernels() {
   cudaError_t err = cudaSuccess;
-  Touch(err, DispatchKernel<int4>), Touch(err, DispatchKernel<int2>);
-  Touch(err, DispatchKernel<int>), Touch(err, DispatchKernel<short>);
-  Touch(err, DispatchKernel<char>), Touch(err, SlotRanksKernel);
+  LoadForEachRowVector<DispatchLauncher>(err);
+  Touch(err, SlotRanksKernel);
   return err;
 }
 
-cudaError_t PreloadKernels() {
+cudaError_t PreloadIntranodeKernels() {
   cudaError_t err = PreloadDispatchKernels();
   if (err == cudaSuccess) err = PreloadCombineKernels();
   if (err == cudaSuccess) err = PreloadPeerCopyKernel();

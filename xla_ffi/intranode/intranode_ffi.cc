@@ -1,15 +1,14 @@
-// XLA FFI handlers of the intranode dispatch/combine ops (kernels in ep_dispatch.cu, ep_combine.cu,
-// ep_peer_copy.cu; declared in ep_kernels.h).
+// XLA FFI handlers of the intranode dispatch/combine ops (kernels in dispatch.cu, combine.cu,
+// peer_copy.cu; declared in intranode.h). The workspace's transport decides direct or staged.
 // Handlers only check shapes, look the workspace up and launch: no allocation, no host sync.
 #include <cuda_runtime.h>
 
 #include <string>
 
-#include "ep_kernels.h"
-#include "ep_runtime.h"
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "../common/ffi_util.h"
+#include "../runtime/workspace.h"
+#include "../handlers.h"
+#include "intranode.h"
 
 namespace jax_ep {
 namespace {
@@ -17,7 +16,7 @@ namespace {
 using S32 = ffi::Buffer<ffi::S32>;
 using F32 = ffi::Buffer<ffi::F32>;
 
-ffi::Error Invalid(const std::string& msg) { return ffi::Error::InvalidArgument("jax_ep: " + msg); }
+ffi::Error Invalid(const std::string& msg) { return InvalidArgument("jax_ep", msg); }
 
 // The workspace and this device's place in it, or an error naming what is wrong.
 ffi::Error Lookup(int64_t workspace_id, int32_t device, Workspace** ws, DeviceSlot** slot) {
@@ -44,9 +43,7 @@ ffi::Error CheckSlot(const Workspace& ws, size_t slot_bytes, int64_t send_capaci
 }
 
 ffi::Error Launched(cudaError_t err, const char* kernel) {
-  if (err == cudaSuccess) return ffi::Error::Success();
-  return ffi::Error::Internal(std::string("jax_ep: launching ") + kernel + ": " +
-                              cudaGetErrorString(err));
+  return jax_ep::Launched(err, "jax_ep", kernel);
 }
 
 ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
@@ -75,8 +72,11 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
                    std::to_string(kMaxExperts));
   }
   const int64_t num_scales = scales.dimensions().size() == 2 ? scales.dimensions()[1] : 0;
-  const size_t x_row_bytes = num_tokens ? x.size_bytes() / num_tokens : 0;
-  const size_t slot_bytes = DispatchSlotBytes(int(num_topk));
+  if (recv_capacity < 1) return Invalid("dispatch: recv_capacity must be >= 1");
+  // From the output: at T = 0 there is no input row, but the C output rows are still cleared.
+  const size_t x_row_bytes = recv_x->size_bytes() / size_t(recv_capacity);
+  const bool staged = ws->staged();
+  const size_t slot_bytes = DispatchSlotBytes(int(num_topk), x_row_bytes, int(num_scales), staged);
   if (auto err = CheckSlot(*ws, slot_bytes, send_capacity); err.failure()) return err;
 
   DispatchArgs a{};
@@ -98,7 +98,7 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
   a.expert_alignment = int(expert_alignment);
   a.send_capacity = int(send_capacity);
   a.expert_layout = expert_layout;
-  a.num_recv_blocks = expert_layout ? ws->config().num_recv_blocks : 0;
+  a.num_recv_blocks = expert_layout || staged ? ws->config().num_recv_blocks : 0;
   a.recv_x = static_cast<uint8_t*>(recv_x->untyped_data());
   a.recv_scales = num_scales ? static_cast<float*>(recv_scales->untyped_data()) : nullptr;
   a.recv_topk_idx = recv_topk_idx->typed_data();
@@ -158,7 +158,8 @@ ffi::Error BroadcastImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer val
   BroadcastArgs a{};
   a.num_tokens = int(send_pos.dimensions()[0]);
   a.recv_capacity = int(row_src.element_count());
-  a.row_bytes = a.num_tokens ? values.size_bytes() / a.num_tokens : 0;
+  if (a.recv_capacity < 1) return Invalid("broadcast: no receive rows");
+  a.row_bytes = rows->size_bytes() / size_t(a.recv_capacity);  // also at T = 0 (C >= 1)
   a.values = static_cast<const uint8_t*>(values.untyped_data());
   a.send_pos = send_pos.typed_data();
   a.row_src = row_src.typed_data();

@@ -1,7 +1,8 @@
 // Device workspaces of the EP groups (one per jax_ep.Buffer with backend "cuda").
 //
 // Everything that takes driver locks happens here, at Buffer creation and outside jit:
-// allocation, peer enabling, kernel loading. Handlers only look a workspace up.
+// allocation and peer mapping (through a PeerMapping: P2P or NVSHMEM), kernel loading.
+// Handlers only look a workspace up.
 #pragma once
 
 #include <atomic>
@@ -10,7 +11,8 @@
 #include <string>
 #include <vector>
 
-#include "ep_kernels.h"
+#include "../common/comm.h"
+#include "peer_mapping.h"
 
 namespace jax_ep {
 
@@ -22,23 +24,28 @@ struct DeviceSlot {
 };
 
 struct WorkspaceConfig {
-  std::vector<std::vector<int>> groups;  // device ordinals of each EP group, in rank order
+  // Members of each EP group in rank order: device ordinals (P2P) or PEs (NVSHMEM).
+  std::vector<std::vector<int>> groups;
   size_t slots_per_rank = 0;             // staging slots reserved per source rank
   size_t slot_bytes = 0;                 // largest staging slot
   int num_blocks = 0;                    // grid of every kernel (<= SMs, <= kMaxBlocks)
-  int num_recv_blocks = 0;               // expert-layout dispatch: receive-only blocks
+  int num_recv_blocks = 0;               // receive-only blocks of the SM split
   uint64_t timeout_ns = 0;
 };
 
 class Workspace {
  public:
   // Returns nullptr and sets *error when the GPUs cannot host it.
-  static std::unique_ptr<Workspace> Create(const WorkspaceConfig& config, std::string* error);
+  static std::unique_ptr<Workspace> Create(const WorkspaceConfig& config,
+                                           std::unique_ptr<PeerMapping> mapping,
+                                           std::string* error);
   ~Workspace();
 
   // nullptr when the device is not part of this workspace.
   DeviceSlot* Device(int ordinal);
   const WorkspaceConfig& config() const { return config_; }
+  const char* transport() const { return mapping_->name(); }
+  bool staged() const { return mapping_->staged(); }
   size_t bytes_per_device() const;
   size_t flags_bytes() const;  // arrival flags [R][slots_per_rank] u64, after the signal area
   // "" when no kernel reported a timeout, else the report.
@@ -46,14 +53,19 @@ class Workspace {
   CommArgs Comm(DeviceSlot& slot, size_t slot_stride);
 
  private:
-  explicit Workspace(WorkspaceConfig config) : config_(std::move(config)) {}
+  Workspace(WorkspaceConfig config, std::unique_ptr<PeerMapping> mapping)
+      : config_(std::move(config)), mapping_(std::move(mapping)) {}
   size_t max_ranks() const;  // ranks of the largest EP group
   WorkspaceConfig config_;
-  std::vector<int> ordinals_;      // device of each allocation
-  std::vector<uint8_t*> bases_;
-  std::vector<DeviceSlot> slots_;  // indexed like ordinals_
+  std::unique_ptr<PeerMapping> mapping_;
+  std::vector<MappedRank> ranks_;  // the ranks this process drives
+  std::vector<DeviceSlot> slots_;  // indexed like ranks_
   ErrorRecord* error_ = nullptr;   // host-mapped
 };
+
+// Loads every kernel of every family on `device` (lazy loading would take a driver lock inside
+// a handler while peers spin). Restores the current device.
+cudaError_t PreloadKernels(int device);
 
 // Registry: ids handed to Python; handlers find their workspace by id and DeviceOrdinal.
 int64_t RegisterWorkspace(std::unique_ptr<Workspace> ws);

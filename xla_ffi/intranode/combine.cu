@@ -1,6 +1,7 @@
-// Combine kernels: the token-layout pull, the expert-layout push family and combine's VJP
-// (broadcast). See ep_kernels.h for the protocol.
-#include "ep_device.cuh"
+// Combine kernels: the token-layout pull, the push family (expert layout; token layout when
+// staged) and combine's VJP (broadcast). See intranode.h for how each moves data.
+#include "../common/device.cuh"
+#include "intranode.h"
 
 namespace jax_ep {
 namespace {
@@ -54,7 +55,8 @@ __global__ void __launch_bounds__(kThreads, 1) PullRowsKernel(CommArgs c, Return
   }
 }
 
-// Expert-layout combine family (kReturnWeighted, kReturnGatherK): every block first pushes one
+// Push combine family (kReturnWeighted, kReturnGatherK; kReturnRows when staged, with K = 1: the
+// row of each slot is recv_rows [R, S]): every block first pushes one
 // value per received slot into the source's staging and raises the slot's arrival flag, then
 // sums its tokens' values over ranks as soon as they have landed (no grid-wide wait). The push
 // (the weighted sums) is the heavy half and latency-bound per warp, so every warp does it.
@@ -169,15 +171,19 @@ struct BroadcastLauncher {
     BroadcastKernel<V><<<c.num_blocks, kThreads, 0, stream>>>(c, a);
     return cudaGetLastError();
   }
+  static void Load(cudaError_t& err) { Touch(err, BroadcastKernel<V>); }
 };
 
 template <typename E>
 cudaError_t LaunchReturnE(const CommArgs& c, const ReturnArgs& a, cudaStream_t stream) {
   constexpr int kPack = 16 / sizeof(E);
   const bool vec = a.mode != kReturnGatherK && a.width % kPack == 0;
-  auto kernel = a.mode == kReturnRows ? (vec ? PullRowsKernel<E, kPack> : PullRowsKernel<E, 1>)
-                                      : (vec ? ReturnKernel<E, kPack> : ReturnKernel<E, 1>);
-  kernel<<<c.num_blocks, kThreads, 0, stream>>>(c, a);
+  const bool pull = a.mode == kReturnRows && !c.staged;  // staged: peers cannot read y
+  auto kernel = pull ? (vec ? PullRowsKernel<E, kPack> : PullRowsKernel<E, 1>)
+                     : (vec ? ReturnKernel<E, kPack> : ReturnKernel<E, 1>);
+  ReturnArgs b = a;
+  if (a.mode == kReturnRows) b.num_topk = 1;  // one row per slot: recv_rows is [R, S]
+  kernel<<<c.num_blocks, kThreads, 0, stream>>>(c, b);
   return cudaGetLastError();
 }
 
@@ -212,9 +218,7 @@ cudaError_t PreloadCombineKernels() {
   TouchReturnKernels<float, 4>(err);
   TouchReturnKernels<__nv_bfloat16, 8>(err);
   TouchReturnKernels<__half, 8>(err);
-  Touch(err, BroadcastKernel<int4>), Touch(err, BroadcastKernel<int2>);
-  Touch(err, BroadcastKernel<int>), Touch(err, BroadcastKernel<short>);
-  Touch(err, BroadcastKernel<char>);
+  LoadForEachRowVector<BroadcastLauncher>(err);
   return err;
 }
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from .layout import dispatch_layout_xla
-from .types import DispatchConfig, DispatchHandle, DispatchResult
+from ..layout import dispatch_layout_xla
+from ..types import DispatchConfig, DispatchHandle, DispatchResult
 
 f32 = jnp.float32
 
@@ -22,6 +22,8 @@ def _exclusive_cumsum(v):
 
 def _take_rows(rows, idx, num_valid: int, fill=0):
     """rows[idx] along axis 0, `fill` wherever idx is outside [0, num_valid)."""
+    if rows.shape[0] == 0:  # T = 0: nothing to take; a fill row keeps rows' varying axes
+        rows = jnp.concatenate([rows, jnp.full((1,) + rows.shape[1:], fill, rows.dtype)])
     ok = (idx >= 0) & (idx < num_valid)
     got = jnp.take(rows, jnp.where(ok, idx, 0), axis=0)
     mask = ok.reshape(ok.shape + (1,) * (got.ndim - ok.ndim))
@@ -89,8 +91,43 @@ def slots_to_rows(handle: DispatchHandle, blocks):
     return _take_rows(_flat_blocks(blocks), handle.row_src, cfg.num_ranks * cfg.send_capacity)
 
 
+def _varying(a, axis_name):
+    """a marked varying over the EP axis, like everything dispatch returns."""
+    pcast = getattr(lax, "pcast", None)
+    return pcast(a, (axis_name,), to="varying") if pcast else lax.pvary(a, (axis_name,))
+
+
+def _dispatch_no_tokens(cfg: DispatchConfig, x, x_scales) -> DispatchResult:
+    """T = 0 on every rank (T is static and equal on all): nothing is sent or received.
+    Built from constants: XLA's partitioner rejects programs whose every use of the shard_map
+    operands folds away, which the general path does on empty inputs."""
+    num_ranks, s, cap, num_local = (cfg.num_ranks, cfg.send_capacity, cfg.recv_capacity,
+                                    cfg.num_local_experts)
+    expert = cfg.layout == "expert"
+
+    def full(shape, value, dtype):
+        return _varying(jnp.full(shape, value, dtype), cfg.axis_name)
+
+    idx_shape = (cap,) if expert else (cap, cfg.num_topk)
+    rows_shape = (num_ranks, s, cfg.num_topk) if expert else (num_ranks, s)
+    zero = full((), 0, jnp.int32)
+    row_weights = full((cap,), 0, f32) if expert else None
+    handle = DispatchHandle(cfg, full((0, num_ranks), -1, jnp.int32),
+                            full(rows_shape, cap, jnp.int32), full((cap,), -1, jnp.int32),
+                            row_weights)
+    return DispatchResult(
+        recv_x=full((cap, x.shape[1]), 0, x.dtype),
+        recv_x_scales=None if x_scales is None else full((cap, x_scales.shape[1]), 0, f32),
+        recv_topk_idx=full(idx_shape, -1, jnp.int32), recv_topk_weights=full(idx_shape, 0, f32),
+        group_sizes=full((num_local,), 0, jnp.int32) if expert else None,
+        num_recv_rows=zero, num_tokens_per_expert=full((num_local,), 0, jnp.int32),
+        num_dropped=zero, num_invalid=zero, handle=handle)
+
+
 def dispatch(cfg: DispatchConfig, x, x_scales, topk_idx, topk_weights) -> DispatchResult:
     """Reference dispatch; arguments as jax_ep.dispatch (x_scales is None unless FP8)."""
+    if cfg.num_tokens == 0:
+        return _dispatch_no_tokens(cfg, x, x_scales)
     num_ranks, s, cap = cfg.num_ranks, cfg.send_capacity, cfg.recv_capacity
     num_local = cfg.num_local_experts
     rank = lax.axis_index(cfg.axis_name)

@@ -1,7 +1,8 @@
-"""Backend "cuda": the intranode NVLink kernels (xla_ffi/ep_*.cc/.cu) as XLA FFI calls.
+"""Backend "cuda": the intranode kernels (xla_ffi/intranode/) as XLA FFI calls.
 
-Same per-shard interface as reference.py (dispatch, combine, weights_to_slots, broadcast_to_rows)
-and the same semantics (docs/api.md); the handle carries the kernels' own bookkeeping.
+The Backend protocol of base.py (dispatch, combine, weights_to_slots, broadcast_to_rows) with the
+semantics of xla.py and docs/api.md; the handle carries the kernels' own bookkeeping. The calls
+are the same over either transport: the workspace's transport picks direct or staged kernels.
 The routing prefix sums (slot of each token per destination, rank of each (token, k) among
 its expert's slots) are computed here with XLA before the exchange kernel.
 """
@@ -11,11 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._ffi import result_type
-from .layout import get_dispatch_layout
-from .types import DispatchConfig, DispatchHandle, DispatchResult
+from .._ffi import result_type
+from ..layout import get_dispatch_layout
+from ..types import DispatchConfig, DispatchHandle, DispatchResult
 
-# Return kernel modes (ep_kernels.h ReturnMode).
+# Return kernel modes (xla_ffi/intranode/intranode.h ReturnMode).
 RETURN_ROWS, RETURN_WEIGHTED, RETURN_GATHER_K = 0, 1, 2
 _KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -101,7 +102,7 @@ def combine(y, handle: DispatchHandle, weights=None):
 
 
 def weights_to_slots(handle: DispatchHandle, row_grads):
-    """Row-weight gradients -> [T, K] float32 at their source slots (see reference)."""
+    """Row-weight gradients -> [T, K] float32 at their source slots (see xla.py)."""
     row_grads = row_grads.astype(jnp.float32)
     if handle.config.layout == "token":
         return _return(handle, row_grads, RETURN_ROWS)

@@ -7,11 +7,9 @@
 #include <string>
 #include <vector>
 
-#include "handlers.h"
+#include "../common/ffi_util.h"
+#include "../handlers.h"
 #include "layout_kernels.h"
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
 
 namespace jax_ep {
 
@@ -32,23 +30,16 @@ namespace {
 
 using S32 = ffi::Buffer<ffi::S32>;
 
-ffi::Error Invalid(const std::string& msg) {
-  return ffi::Error::InvalidArgument("jax_ep_dispatch_layout: " + msg);
-}
+constexpr const char* kTarget = "jax_ep_dispatch_layout";
 
-template <typename Dims>
-std::string Shape(const Dims& dims) {
-  std::string s = "[";
-  for (int64_t d : dims) s += (s.size() > 1 ? ", " : "") + std::to_string(d);
-  return s + "]";
-}
+ffi::Error Invalid(const std::string& msg) { return InvalidArgument(kTarget, msg); }
 
 ffi::Error CheckShape(const char* name, ffi::Span<const int64_t> dims,
                       const std::vector<int64_t>& want) {
   if (std::equal(dims.begin(), dims.end(), want.begin(), want.end())) {
     return ffi::Error::Success();
   }
-  return Invalid(std::string(name) + " has shape " + Shape(dims) + ", expected " + Shape(want));
+  return Invalid(std::string(name) + " has shape " + ShapeString(dims) + ", expected " + ShapeString(want));
 }
 
 ffi::Error DispatchLayoutImpl(cudaStream_t stream, int32_t device, S32 topk_idx,
@@ -67,7 +58,7 @@ ffi::Error DispatchLayoutImpl(cudaStream_t stream, int32_t device, S32 topk_idx,
                    std::to_string(num_experts));
   }
   const auto dims = topk_idx.dimensions();
-  if (dims.size() != 2) return Invalid("topk_idx must be [T, K], got shape " + Shape(dims));
+  if (dims.size() != 2) return Invalid("topk_idx must be [T, K], got shape " + ShapeString(dims));
   const int64_t num_tokens = dims[0], num_topk = dims[1];
   if (num_topk > INT32_MAX) return Invalid("top-k too large: " + std::to_string(num_topk));
   if (auto err = CheckShape("num_tokens_per_rank", num_tokens_per_rank->dimensions(), {num_ranks});
@@ -98,12 +89,8 @@ ffi::Error DispatchLayoutImpl(cudaStream_t stream, int32_t device, S32 topk_idx,
   args.num_tokens_per_expert = num_tokens_per_expert->typed_data();
   args.is_token_in_rank = is_token_in_rank->typed_data();
   args.num_invalid = num_invalid->typed_data();
-  const cudaError_t err = LaunchDispatchLayout(args, NumSms(device), stream);
-  if (err != cudaSuccess) {
-    return ffi::Error::Internal(std::string("jax_ep_dispatch_layout: launching ") +
-                                "DispatchLayoutKernel failed: " + cudaGetErrorString(err));
-  }
-  return ffi::Error::Success();
+  return Launched(LaunchDispatchLayout(args, NumSms(device), stream), kTarget,
+                  "DispatchLayoutKernel");
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
-// The NVLink ceiling the benchmarks compare against (see PeerCopyArgs in ep_kernels.h).
-#include "ep_device.cuh"
+// The NVLink ceiling the benchmarks compare against (see PeerCopyArgs in intranode.h).
+#include "../common/device.cuh"
+#include "intranode.h"
 
 namespace jax_ep {
 namespace {

@@ -1,6 +1,6 @@
-// Device-side building blocks shared by the intranode kernels (ep_dispatch.cu, ep_combine.cu,
-// ep_peer_copy.cu): flags and bounded waits, barriers, staging slots, warp-wide copies, the SM
-// split and float32 row sums. Plain CUDA, no XLA types; see ep_kernels.h for the protocol.
+// Device-side building blocks shared by the kernel families: flags and bounded waits, barriers,
+// staging slots, warp-wide copies, the SM split and float32 row sums. Plain CUDA, no XLA types;
+// see comm.h for the protocol.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -9,7 +9,7 @@
 #include <cstdio>
 #include <cstring>
 
-#include "ep_kernels.h"
+#include "comm.h"
 
 namespace jax_ep {
 
@@ -307,6 +307,13 @@ cudaError_t ByRowVector(size_t row_bytes, const CommArgs& c, const Args& a, cuda
   }
 }
 
+// Calls Kernels<V>::Load(err) for every vector type ByRowVector may pick.
+template <template <typename> class Kernels>
+void LoadForEachRowVector(cudaError_t& err) {
+  Kernels<int4>::Load(err), Kernels<int2>::Load(err), Kernels<int>::Load(err);
+  Kernels<short>::Load(err), Kernels<char>::Load(err);
+}
+
 // Keeps the first error of loading kernels on the current device (cudaFuncGetAttributes loads).
 template <typename Kernel>
 void Touch(cudaError_t& err, Kernel kernel) {
@@ -314,9 +321,5 @@ void Touch(cudaError_t& err, Kernel kernel) {
   if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, kernel);
 }
 
-// Each kernel file loads its own kernels (PreloadKernels calls them all).
-cudaError_t PreloadDispatchKernels();
-cudaError_t PreloadCombineKernels();
-cudaError_t PreloadPeerCopyKernel();
 
 }  // namespace jax_ep

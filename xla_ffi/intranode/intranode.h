@@ -1,11 +1,8 @@
-// Intranode (NVLink) dispatch/combine kernels: plain CUDA, no XLA types.
+// Intranode dispatch/combine kernels (the NVLink/P2P family): plain CUDA, no XLA types.
 //
-// One process drives every GPU of the EP group. Each rank owns a workspace (cudaMalloc'ed at
-// Buffer creation, peer access enabled): a signal area peers write flags, counts and pointers
-// into, one arrival flag per (source rank, slot), and a staging area of [num_ranks][slots] slots.
-// A call is one epoch: entry barrier (peers finished the previous call, so staging is free) ->
-// [dispatch: every rank's routing counts and output pointers to every peer] -> data -> bounded
-// waits for what this rank needs. The two dispatch layouts and combine move data like this:
+// The protocol (common/comm.h): entry barrier -> [dispatch: every rank's routing counts (and, when
+// peers can address XLA buffers, its output pointers) to every peer] -> data -> bounded waits.
+// How the ops move data, with direct peer access (one process drives every GPU):
 //   token layout   senders write each row straight into the receivers' outputs at its final
 //                  row (the counts of all ranks give every sender its offsets), then per-block
 //                  "sent" flags; receivers only do bookkeeping.
@@ -19,76 +16,18 @@
 //                  one weighted partial row per received slot into the source's staging and
 //                  raises that slot's arrival flag; the source sums each token's partials over
 //                  ranks as soon as they have landed.
+// Staged (CommArgs::staged: peers live in other processes and reach only the workspaces):
+//   dispatch       both layouts: the sender writes metadata + row + scales into the receiver's
+//                  staging slot and raises its arrival flag; the receiver's blocks (the SM split)
+//                  copy each slot into its output rows as it lands.
+//   combine        token layout too pushes (one row per received slot into the source's staging).
 // Peer-written XLA buffers need XLA's default allocator (cudaMalloc'ed arenas, reachable once
-// peer access is enabled here). Every wait is bounded: on timeout the kernel records
-// rank/phase/peer in host-mapped memory, prints it and traps, so the process fails instead of
-// hanging.
+// peer access is enabled).
 #pragma once
 
-#include <cuda_runtime.h>
-
-#include <cstddef>
-#include <cstdint>
+#include "../common/comm.h"
 
 namespace jax_ep {
-
-constexpr int kMaxRanks = 16;
-constexpr int kMaxBlocks = 256;
-constexpr int kMaxLocalExperts = 1024;
-constexpr int kMaxExperts = 4096;
-constexpr int kMaxTopk = 32;
-constexpr int kCountStride = kMaxRanks + kMaxExperts;  // [tokens per rank..., per expert...]
-constexpr int kNumPtrs = 4;  // dispatch outputs peers write into: recv_x, scales, topk idx, weights
-
-// Byte offsets inside every rank's workspace (identical on all ranks).
-constexpr size_t kEntryOffset = 0;                                          // u64 [kMaxRanks]
-constexpr size_t kCountsFlagOffset = 128;                                   // u64 [kMaxRanks]
-constexpr size_t kSentOffset = 256;                                         // u64 [R][kMaxBlocks]
-constexpr size_t kDoneOffset = kSentOffset + 8ull * kMaxRanks * kMaxBlocks;  // u64 [R][kMaxBlocks]
-// Routing counts of every source rank (all of its tokens per rank and per expert).
-constexpr size_t kCountsOffset = kDoneOffset + 8ull * kMaxRanks * kMaxBlocks;  // i32 [R][stride]
-constexpr size_t kPtrOffset = kCountsOffset + 4ull * kMaxRanks * kCountStride;  // u64 [R][kNumPtrs]
-// Combine pull: per epoch parity, every peer's (rows pointer, first row of my tokens there).
-constexpr size_t kPullOffset = kPtrOffset + 8ull * kMaxRanks * kNumPtrs;  // u64 [2][R][2]
-constexpr size_t kSignalBytes = (kPullOffset + 8ull * 2 * kMaxRanks * 2 + 255) / 256 * 256;
-static_assert(kSignalBytes == 329984, "keep jax_ep/buffer.py SIGNAL_BYTES in sync");
-
-// Phases named in timeout reports.
-enum Phase : int { kPhaseEntry = 1, kPhaseSent = 2, kPhaseCounts = 3, kPhaseDone = 4 };
-enum Op : int { kOpDispatch = 1, kOpCombine = 2, kOpBroadcast = 3, kOpPeerCopy = 4 };
-
-// Names in timeout reports: the kernel's printf and the host's error message.
-__host__ __device__ inline const char* PhaseName(int phase) {
-  return phase == kPhaseEntry ? "entry barrier"
-         : phase == kPhaseCounts ? "waiting for peer counts"
-         : phase == kPhaseDone ? "exit barrier: peer still reading" : "waiting for peer data";
-}
-
-__host__ __device__ inline const char* OpName(int op) {
-  return op == kOpDispatch ? "dispatch" : op == kOpCombine ? "combine"
-         : op == kOpBroadcast ? "broadcast" : "peer copy";
-}
-
-struct ErrorRecord {  // host-mapped; written by a kernel that timed out
-  int32_t code;       // 0 = fine, else Phase
-  int32_t op;
-  int32_t rank;
-  int32_t peer;
-};
-
-struct CommArgs {
-  uint8_t* peer_ws[kMaxRanks];  // every rank's workspace base (peer-accessible)
-  size_t flags_offset;      // u64 [R][slots_per_rank] arrival flags, after the signal area
-  size_t staging_offset;    // staging slots, after the flags
-  int rank;
-  int num_ranks;
-  uint64_t epoch;           // strictly increasing per call, equal on every rank
-  uint64_t timeout_ns;      // bound of every wait
-  size_t slots_per_rank;    // staging slots reserved per source rank
-  size_t slot_stride;       // bytes per staging slot (this call)
-  ErrorRecord* error;       // host-mapped
-  int num_blocks;           // grid size (same on every rank)
-};
 
 // Dispatch: push tokens (rows of x, FP8 scales, routing metadata) to the ranks of their experts,
 // then lay them out in the token or expert layout (see docs/api.md).
@@ -106,7 +45,7 @@ struct DispatchArgs {
   int num_tokens, num_topk, num_experts, num_local_experts;
   int recv_capacity, expert_alignment, send_capacity;
   bool expert_layout;
-  int num_recv_blocks;        // expert layout: blocks that only receive (the SM split)
+  int num_recv_blocks;        // blocks that only receive (the SM split; expert layout or staged)
   // Outputs (recv_capacity rows C; S = send_capacity).
   uint8_t* recv_x;            // [C, x_row_bytes]
   float* recv_scales;         // [C, num_scales] or nullptr
@@ -123,7 +62,7 @@ struct DispatchArgs {
 
 // Combine family: every rank produces one value row per received slot for the slot's source,
 // which sums the rows over ranks in rank order in float32. kReturnRows pulls the rows from the
-// peers; the other modes push them into the source's staging.
+// peers (pushes them when staged); the other modes push them into the source's staging.
 enum ReturnMode : int {
   kReturnRows = 0,      // value = y[recv_rows[s, i]] = y[first row of s + i] (token layout)
   kReturnWeighted = 1,  // value = sum_k w[row_k] * y[row_k] (w = 1 if null) (expert layout)
@@ -173,12 +112,16 @@ cudaError_t LaunchSlotRanks(const int32_t* topk_idx, int num_slots, int num_expe
                             int32_t* ranks, cudaStream_t stream);
 cudaError_t LaunchPeerCopy(const CommArgs& comm, const PeerCopyArgs& args, cudaStream_t stream);
 
-// Loads every kernel on the current device: lazy loading would take a driver lock inside a
-// handler while peers spin.
-cudaError_t PreloadKernels();
+// Loads this family's kernels on the current device (runtime/preload.cc loads every family).
+cudaError_t PreloadIntranodeKernels();
+// Per kernel file; PreloadIntranodeKernels calls them all.
+cudaError_t PreloadDispatchKernels();
+cudaError_t PreloadCombineKernels();
+cudaError_t PreloadPeerCopyKernel();
 
-// Bytes of one staging slot for each op (16-byte aligned pieces).
-size_t DispatchSlotBytes(int num_topk);
+// Bytes of one staging slot for each op (16-byte aligned pieces). A staged dispatch slot also
+// carries the row and its scales.
+size_t DispatchSlotBytes(int num_topk, size_t row_bytes, int num_scales, bool staged);
 size_t ReturnSlotBytes(int width, ElemType elem, ReturnMode mode, int num_topk);
 
 }  // namespace jax_ep

@@ -1,0 +1,82 @@
+// The communication contract every kernel family shares: limits, the signal area at the head of
+// every rank's workspace, the phases named in timeout reports, and CommArgs, a kernel's view of
+// its EP group. Plain CUDA, no XLA types.
+//
+// Each rank owns a workspace, reachable from every peer by loads and stores (P2P pointers in one
+// process, nvshmem_ptr across processes): a signal area peers write flags, counts and pointers
+// into, one arrival flag per (source rank, slot), and a staging area of [num_ranks][slots] slots.
+// A call is one epoch: entry barrier (peers finished the previous call, so staging is free) ->
+// data -> bounded waits for what this rank needs. Every wait is bounded: on timeout the kernel
+// records rank/phase/peer in host-mapped memory, prints it and traps, so the process fails
+// instead of hanging.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace jax_ep {
+
+constexpr int kMaxRanks = 16;
+constexpr int kMaxBlocks = 256;
+constexpr int kMaxLocalExperts = 1024;
+constexpr int kMaxExperts = 4096;
+constexpr int kMaxTopk = 32;
+constexpr int kCountStride = kMaxRanks + kMaxExperts;  // [tokens per rank..., per expert...]
+constexpr int kNumPtrs = 4;  // dispatch outputs peers write into: recv_x, scales, topk idx, weights
+
+// Byte offsets inside every rank's workspace (identical on all ranks).
+constexpr size_t kEntryOffset = 0;                                          // u64 [kMaxRanks]
+constexpr size_t kCountsFlagOffset = 128;                                   // u64 [kMaxRanks]
+constexpr size_t kSentOffset = 256;                                         // u64 [R][kMaxBlocks]
+constexpr size_t kDoneOffset = kSentOffset + 8ull * kMaxRanks * kMaxBlocks;  // u64 [R][kMaxBlocks]
+// Routing counts of every source rank (all of its tokens per rank and per expert).
+constexpr size_t kCountsOffset = kDoneOffset + 8ull * kMaxRanks * kMaxBlocks;  // i32 [R][stride]
+constexpr size_t kPtrOffset = kCountsOffset + 4ull * kMaxRanks * kCountStride;  // u64 [R][kNumPtrs]
+// Combine pull: per epoch parity, every peer's (rows pointer, first row of my tokens there).
+constexpr size_t kPullOffset = kPtrOffset + 8ull * kMaxRanks * kNumPtrs;  // u64 [2][R][2]
+constexpr size_t kSignalBytes = (kPullOffset + 8ull * 2 * kMaxRanks * 2 + 255) / 256 * 256;
+static_assert(kSignalBytes == 329984, "keep jax_ep/buffer.py SIGNAL_BYTES in sync");
+
+// Phases named in timeout reports.
+enum Phase : int { kPhaseEntry = 1, kPhaseSent = 2, kPhaseCounts = 3, kPhaseDone = 4 };
+enum Op : int { kOpDispatch = 1, kOpCombine = 2, kOpBroadcast = 3, kOpPeerCopy = 4 };
+
+// Names in timeout reports: the kernel's printf and the host's error message.
+__host__ __device__ inline const char* PhaseName(int phase) {
+  return phase == kPhaseEntry ? "entry barrier"
+         : phase == kPhaseCounts ? "waiting for peer counts"
+         : phase == kPhaseDone ? "exit barrier: peer still reading" : "waiting for peer data";
+}
+
+__host__ __device__ inline const char* OpName(int op) {
+  return op == kOpDispatch ? "dispatch" : op == kOpCombine ? "combine"
+         : op == kOpBroadcast ? "broadcast" : "peer copy";
+}
+
+struct ErrorRecord {  // host-mapped; written by a kernel that timed out
+  int32_t code;       // 0 = fine, else Phase
+  int32_t op;
+  int32_t rank;
+  int32_t peer;
+};
+
+struct CommArgs {
+  uint8_t* peer_ws[kMaxRanks];  // every rank's workspace base (peer-accessible)
+  size_t flags_offset;      // u64 [R][slots_per_rank] arrival flags, after the signal area
+  size_t staging_offset;    // staging slots, after the flags
+  int rank;
+  int num_ranks;
+  uint64_t epoch;           // strictly increasing per call, equal on every rank
+  uint64_t timeout_ns;      // bound of every wait
+  size_t slots_per_rank;    // staging slots reserved per source rank
+  size_t slot_stride;       // bytes per staging slot (this call)
+  ErrorRecord* error;       // host-mapped
+  int num_blocks;           // grid size (same on every rank)
+  // Peers cannot address this rank's XLA buffers (they live in another process): every row
+  // travels through the workspaces, which the transport maps for all ranks.
+  bool staged;
+};
+
+}  // namespace jax_ep
