@@ -312,3 +312,23 @@ def test_bad_sm_budget(kw):
     """SM budgets are checked at Buffer creation, before any device work, naming the option."""
     with pytest.raises(ValueError, match="num_recv_sms" if "num_recv_sms" in kw else "num_sms"):
         jax_ep.Buffer(make_mesh(2), "ep", backend="xla", **kw)
+
+
+def test_process_layouts_the_transports_cannot_serve():
+    """Multi-process meshes: one GPU of the mesh per process, and every process in it."""
+    from types import SimpleNamespace
+
+    import jax
+    from jax_ep.backends import transport
+
+    me = jax.process_index()
+
+    def dev(process):
+        return SimpleNamespace(process_index=process)
+
+    assert transport.process_layout(np.array([[dev(me), dev(me)]], object)) == "p2p"
+    with pytest.raises(ValueError, match="one GPU of the mesh per process"):
+        transport.process_layout(np.array([[dev(me), dev(me), dev(me + 1)]], object))
+    with pytest.raises(ValueError, match="a mesh over every process"):
+        transport.process_layout(np.array([[dev(me), dev(me + 1)]], object))
+    assert not transport.available(np.array([[dev(me), dev(me + 1)]], object))

@@ -224,3 +224,27 @@ def test_cuda_backend_lowers_to_ep_custom_calls(layout, extension):
     text = grad.trace(x, w, idx).lower(lowering_platforms=("cuda",)).as_text()
     targets = set(re.findall(r"@(jax_ep_\w+)\(", text))
     assert {"jax_ep_dispatch", "jax_ep_combine", "jax_ep_broadcast"} <= targets, targets
+
+
+def test_nvshmem_transport_is_built_and_loads(extension):
+    """The NVSHMEM transport compiles wherever the CUDA extension does (CI has nvcc) and, with
+    NVSHMEM's host library installed, loads and draws unique IDs without a GPU."""
+    if not _ffi.nvshmem_available():
+        why = "the NVSHMEM transport was not built (NVSHMEM not found at build time)"
+        if os.environ.get("JAX_EP_REQUIRE_CUDA_EXT") == "1":
+            pytest.fail(why + " but JAX_EP_REQUIRE_CUDA_EXT=1")
+        pytest.skip(why)
+    try:
+        module = _ffi.nvshmem_extension()
+    except RuntimeError as e:  # NVSHMEM's runtime package is not installed here
+        assert "nvidia-nvshmem-cu13" in str(e) or "NVSHMEM" in str(e), e
+        pytest.skip(str(e))
+    assert module.version().startswith("3.")
+    assert module.state() is None  # nothing initialised it in this process
+    first, second = module.unique_id(), module.unique_id()
+    assert len(first) == len(second) > 0 and first != second
+    with pytest.raises(RuntimeError, match="not initialised"):
+        module.mapping()
+    with pytest.raises(ValueError, match="unique ID has"):
+        module.init(b"short", 0, 1, 0)
+    assert extension.SIGNAL_BYTES == _ffi.SIGNAL_BYTES == 329984

@@ -21,7 +21,7 @@ import numpy_model as nm
 from cases import (DTYPES, assert_bits_equal, assert_float_equal, make_inputs, random_values,
                    split)
 
-__all__ = ["exchange", "gradients", "moe_layer", "back_to_back", "missing_rank"]
+__all__ = ["checks", "exchange", "gradients", "moe_layer", "back_to_back", "missing_rank"]
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -338,3 +338,15 @@ def missing_rank(seed: int) -> dict:
     print("REPORT", report, flush=True)
     client.key_value_set_bytes("jax_ep_test/missing_rank_reported", b"1")
     return {"rank": 0, "raised": raised, "report": report}
+
+
+def checks(seed: int) -> dict:
+    """exchange, gradients, moe_layer and back_to_back in one set of processes (process start,
+    NVSHMEM initialisation and compilation dominate a run; on one GPU the ranks time-slice)."""
+    out = {}
+    for body in (exchange, gradients, moe_layer, back_to_back):
+        start = time.monotonic()
+        out[body.__name__] = body(seed)
+        out[body.__name__]["seconds"] = round(time.monotonic() - start, 2)
+        print(f"{body.__name__}: {out[body.__name__]}", flush=True)
+    return out
