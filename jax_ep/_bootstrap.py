@@ -73,10 +73,10 @@ def init_nvshmem(device: int, *, heap_bytes: int, timeout_s: float):
                 f"{state[1]} of {state[2]}, but this Buffer needs GPU {device} as PE {pe} of "
                 f"{num_pes}: create every Buffer of this process over the same GPU")
         return ext
+    client = _client()
     # Never NVLink multicast (it can take a shared host's GPUs out of service).
     os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
     os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(max(1 << 30, 2 * heap_bytes + (256 << 20))))
-    client = _client()
     if pe == 0:
         client.key_value_set_bytes(_UNIQUE_ID_KEY, ext.unique_id())
     try:

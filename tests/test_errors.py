@@ -332,3 +332,33 @@ def test_process_layouts_the_transports_cannot_serve():
     with pytest.raises(ValueError, match="a mesh over every process"):
         transport.process_layout(np.array([[dev(me), dev(me + 1)]], object))
     assert not transport.available(np.array([[dev(me), dev(me + 1)]], object))
+
+
+def test_nvshmem_initialises_once_per_process(monkeypatch):
+    """A later Buffer on another GPU than NVSHMEM came up on is refused, naming both."""
+    import jax
+    from jax_ep import _bootstrap, _ffi
+
+    class Initialised:  # NVSHMEM already running on GPU 1 as PE 0 of 1
+        @staticmethod
+        def state():
+            return (1, jax.process_index(), jax.process_count())
+
+    monkeypatch.setattr(_ffi, "nvshmem_extension", lambda: Initialised)
+    with pytest.raises(ValueError, match="initialises once per process; it runs on GPU 1"):
+        _bootstrap.init_nvshmem(0, heap_bytes=1 << 20, timeout_s=1.0)
+    assert _bootstrap.init_nvshmem(1, heap_bytes=1 << 20, timeout_s=1.0) is Initialised
+
+
+def test_nvshmem_bootstrap_needs_jax_distributed(monkeypatch):
+    """Without jax.distributed the unique ID has nowhere to travel: a clear error."""
+    from jax_ep import _bootstrap, _ffi
+
+    class Fresh:
+        @staticmethod
+        def state():
+            return None
+
+    monkeypatch.setattr(_ffi, "nvshmem_extension", lambda: Fresh)
+    with pytest.raises(RuntimeError, match="needs jax.distributed.initialize"):
+        _bootstrap.init_nvshmem(0, heap_bytes=1 << 20, timeout_s=1.0)
