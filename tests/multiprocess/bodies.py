@@ -304,32 +304,41 @@ def back_to_back(seed: int, calls: int = 200) -> dict:
 
 
 def missing_rank(seed: int) -> dict:
-    """Rank 0 dispatches, the others never do: rank 0's kernel must give up within its bound
-    and name itself, the phase and the peer (backend "cuda" only). The others stay alive until
-    rank 0 has reported, so their workspaces stay mapped."""
+    """Every rank runs the same program, but only rank 0 takes the branch that dispatches (a
+    divergent control-flow bug): rank 0's kernel must give up within its bound and name itself,
+    the phase and the peer (backend "cuda" only). The others stay alive until rank 0 has
+    reported, so their workspaces stay mapped."""
     from jax._src.distributed import global_state  # noqa: PLC0415
 
-    del seed
     g = Group()
     client = global_state.client
     T, H, K, E = 8, 128, 2, 2 * g.num_ranks
     buf = g.buffer(tokens=T, hidden=H, topk=K, timeout_s=3.0)
     print(f"rank {g.rank}: Buffer created", flush=True)
-    if g.rank != 0:
-        client.blocking_key_value_get_bytes("jax_ep_test/missing_rank_reported", 90_000)
-        return {"rank": g.rank}
-    x = np.ones((g.num_ranks * T, H), np.float32)
+    x = random_values(np.random.default_rng(seed), (g.num_ranks * T, H), np.float32)
     idx = np.zeros((g.num_ranks * T, K), np.int32)
     w = np.ones((g.num_ranks * T, K), np.float32)
-    f = g.shard_jit(lambda x, idx, w: jax_ep.dispatch(buf, x, idx, w, num_experts=E).recv_x)
-    raised = None
+
+    def only_rank_0(x, idx, w):
+        def call(x):
+            return jax_ep.dispatch(buf, x, idx, w, num_experts=E).recv_x
+
+        def skip(x):  # zeros varying over "ep" like the dispatch result
+            return jnp.broadcast_to(x[:1] * 0, (g.num_ranks * T, H))
+
+        return jax.lax.cond(jax.lax.axis_index("ep") == 0, call, skip, x)
+
+    f = g.shard_jit(only_rank_0)
     args = (g.put(x), g.put(idx), g.put(w))
-    print("rank 0: dispatching alone", flush=True)
+    raised = None
     try:
         jax.block_until_ready(f(*args))
-    except Exception as e:  # noqa: BLE001 (the trapped kernel fails the execution)
+    except Exception as e:  # noqa: BLE001 (rank 0: the trapped kernel fails the execution)
         raised = type(e).__name__
-    print(f"rank 0: the call raised {raised}", flush=True)
+    print(f"rank {g.rank}: the call raised {raised}", flush=True)
+    if g.rank != 0:
+        client.blocking_key_value_get_bytes("jax_ep_test/missing_rank_reported", 90_000)
+        return {"rank": g.rank, "raised": raised}
     report = ""
     try:
         buf.check()
