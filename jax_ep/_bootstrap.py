@@ -49,13 +49,6 @@ def barrier(name: str, timeout_s: float) -> None:
             f"({type(e).__name__}: {e})") from None
 
 
-def nvshmem_state():
-    """(device, pe, num_pes) once NVSHMEM is initialised in this process, else None."""
-    if not _ffi.nvshmem_available():
-        return None
-    return _ffi.nvshmem_extension().state()
-
-
 def init_nvshmem(device: int, *, heap_bytes: int, timeout_s: float):
     """Initialises NVSHMEM on CUDA device `device` (once per process; later calls check that
     they agree) and returns the extension module jax_ep._jax_ep_nvshmem.

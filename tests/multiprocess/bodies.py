@@ -66,11 +66,6 @@ class Group:
         return jax.tree.map(self.mine, tree)
 
 
-def _exact_weights(rng, n, k):
-    """[n, k] float32 weights of 7 significant bits (products with 16-bit values are exact)."""
-    return (rng.integers(6, 129, size=(n, k)) / 128).astype(np.float32)
-
-
 # ------------------------------------------------------------------------------ dispatch/combine
 
 # T, H, K, experts per rank, layout, alignment, capacity, dtype, routing.
@@ -232,12 +227,14 @@ def moe_layer(seed: int) -> dict:
     rng = np.random.default_rng(seed + 200)
     x = rng.standard_normal((n, H)).astype(np.float32)
     ct = rng.standard_normal((n, H)).astype(np.float32)
-    kw = dict(num_shared_experts=1, expert_alignment=4, rngs=None)
+    def layer_on(buf):  # the same parameters on any Buffer (same seed, same init order)
+        return nn.MoE(buf, H, F, E, K, num_shared_experts=1, expert_alignment=4,
+                      rngs=nnx.Rngs(seed % 1000))
+
     with g.buffer(tokens=n // R, hidden=H, topk=K) as buf:
-        moe = nn.MoE(buf, H, F, E, K, **{**kw, "rngs": nnx.Rngs(seed % 1000)})
+        moe = layer_on(buf)
         local_mesh = Mesh(np.array([jax.local_devices()[0]]), ("ep",))
-        ref = nn.MoE(jax_ep.Buffer(local_mesh, "ep", backend="xla"), H, F, E, K,
-                     **{**kw, "rngs": nnx.Rngs(seed % 1000)})
+        ref = layer_on(jax_ep.Buffer(local_mesh, "ep", backend="xla"))
         names = ("w_gate", "w_up", "w_down")  # sharded over the EP axis: no psum in the VJP
         graphdef, experts, rest = nnx.split(moe, lambda path, _: path[-1] in names, ...)
 
