@@ -9,7 +9,9 @@ ragged_dot -> combine).
     python examples/train_moe.py                      # defaults: a few minutes on 2 CPU cores
     python examples/train_moe.py --steps 2000 --d-model 256 --experts 16 --backend auto
 
-Writes <out>/history.json and <out>/loss.png (out defaults to runs/).
+Writes <out>/history.json (per-step metrics, config, summary) and <out>/loss.png (loss, dropped
+rows per step, router balance; out defaults to runs/); with --save PATH also the trained
+parameters (.npz), which examples/decode_moe.py decodes from.
 """
 from __future__ import annotations
 
@@ -256,6 +258,41 @@ def make_mesh(devices=None, axis_name: str = "ep") -> Mesh:
     return Mesh(np.array(devices), (axis_name,))
 
 
+# ------------------------------------------------------------------------------ checkpoints
+
+
+def save_params(path: str, cfg: ModelConfig, graphdef, state: TrainState) -> None:
+    """Writes the trained model to `path` (numpy .npz): one array per variable (parameters and
+    router biases, keyed by their path in the model) and the ModelConfig as JSON. No optimizer
+    state: it is for inference (examples/decode_moe.py)."""
+    model = nnx.merge(graphdef, state.params, state.rest)
+    arrays = {"/".join(map(str, key)): np.asarray(var[...])
+              for key, var in nnx.to_flat_state(nnx.state(model))}
+    config = json.dumps(dataclasses.asdict(cfg) | {"dtype": jnp.dtype(cfg.dtype).name})
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "wb") as fh:  # a file object: np.savez would append .npz to the name
+        np.savez(fh, __config__=np.array(config), **arrays)
+
+
+def load_params(path: str, buffer: jax_ep.Buffer, **overrides):
+    """-> (ModelConfig, MoETransformer) from save_params, built over `buffer` (expert weights
+    sharded over its EP axis, the rest replicated over its mesh). `overrides` replace ModelConfig fields
+    (e.g. dtype)."""
+    with np.load(path) as saved:
+        cfg = ModelConfig(**(json.loads(str(saved["__config__"])) | overrides))
+        model = MoETransformer(cfg, buffer, nnx.Rngs(0))
+        for key, var in nnx.to_flat_state(nnx.state(model)):
+            name, current = "/".join(map(str, key)), var[...]
+            if name not in saved or saved[name].shape != current.shape:
+                raise ValueError(f"{path}: no parameter {name} of shape {current.shape} (saved "
+                                 f"for another configuration?)")
+            on_mesh = (isinstance(current.sharding, NamedSharding)
+                       and current.sharding.mesh == buffer.mesh)
+            sharding = current.sharding if on_mesh else NamedSharding(buffer.mesh, P())
+            var[...] = jax.device_put(saved[name].astype(current.dtype), sharding)
+    return cfg, model
+
+
 # ------------------------------------------------------------------------------ main
 
 
@@ -292,6 +329,8 @@ def parse_args(argv=None):
                    help="virtual CPU devices when there is no accelerator")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs")
+    p.add_argument("--save", default=None, metavar="PATH",
+                   help="also write the trained parameters here (.npz; for decode_moe.py)")
     return p.parse_args(argv)
 
 
@@ -304,7 +343,7 @@ def write_outputs(out_dir: str, history: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
     steps = history["step"]
     ax[0].plot(steps, history["loss"], lw=0.8, label="train")
     if history["eval_step"]:
@@ -312,9 +351,16 @@ def write_outputs(out_dir: str, history: dict) -> None:
     ax[0].set(xlabel="step", ylabel="cross-entropy (nats / byte)", title="byte-level LM loss")
     ax[0].legend()
     ax[0].grid(alpha=0.3)
-    ax[1].plot(steps, history["aux_loss"], lw=0.8, color="C2")
-    ax[1].set(xlabel="step", ylabel="load-balance loss (1 = balanced)", title="router balance")
+    # Rows over the receive capacity (--capacity-factor) per step, summed over layers and ranks:
+    # they contribute 0 to their token's output (0 = nothing lost).
+    ax[1].plot(steps, history["dropped"], lw=0.8, color="C3")
+    ax[1].set(xlabel="step", ylabel="(token, expert) rows dropped per step",
+              title=f"capacity overflow: {int(np.sum(history['dropped'])):,} rows in total")
+    ax[1].set_ylim(bottom=0)
     ax[1].grid(alpha=0.3)
+    ax[2].plot(steps, history["aux_loss"], lw=0.8, color="C2")
+    ax[2].set(xlabel="step", ylabel="load-balance loss (1 = balanced)", title="router balance")
+    ax[2].grid(alpha=0.3)
     fig.suptitle(history["title"], fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "loss.png"), dpi=120)
@@ -410,17 +456,27 @@ def main(argv=None) -> dict:
     summary = dict(start_loss=history["loss"][0], end_loss=float(np.mean(tail)),
                    start_eval_loss=history["eval_loss"][0], end_eval_loss=history["eval_loss"][-1],
                    tokens_per_s=timed_tokens / timed_s if timed_s else float("nan"),
-                   wall_s=wall, total_dropped=int(np.sum(history["dropped"])))
+                   wall_s=wall, total_dropped=int(np.sum(history["dropped"])),
+                   routed_rows=len(history["step"]) * tokens_per_step * cfg.top_k * cfg.n_layers)
     history["summary"] = summary
     history["title"] = (f"jax_ep MoE byte LM: {num_ranks} x {platform}, {cfg.num_experts} experts "
                         f"top-{cfg.top_k}, d_model {cfg.d_model}, {cfg.n_layers} layers")
     write_outputs(args.out, history)
+    if args.save:
+        save_params(args.save, cfg, graphdef, state)
     print(f"start loss {summary['start_loss']:.4f} (held-out {summary['start_eval_loss']:.4f})"
           f" -> end loss {summary['end_loss']:.4f} (held-out {summary['end_eval_loss']:.4f}, "
           f"train = mean of last {len(tail)} steps)")
-    print(f"tokens/s {summary['tokens_per_s']:,.0f} (after compilation); dropped rows "
-          f"{summary['total_dropped']}; wall time {wall:.1f} s; wrote {args.out}/history.json, "
-          f"{args.out}/loss.png")
+    dropped, routed = summary["total_dropped"], summary["routed_rows"]
+    last = max((s for s, d in zip(history["step"], history["dropped"]) if d), default=None)
+    print(f"dropped rows: {dropped:,} in total over {len(history['step'])} steps and "
+          f"{cfg.n_layers} layer{'s' * (cfg.n_layers != 1)} ({100 * dropped / max(routed, 1):.2f}% of {routed:,} routed "
+          f"(token, expert) rows; capacity overflow, --capacity-factor "
+          f"{args.capacity_factor}; 0 = none lost"
+          + ("" if last is None else f"; the last at step {last}") + "; per step in loss.png)")
+    print(f"tokens/s {summary['tokens_per_s']:,.0f} (after compilation); "
+          f"wall time {wall:.1f} s; wrote {args.out}/history.json, "
+          f"{args.out}/loss.png" + (f", {args.save}" if args.save else ""))
     return summary
 
 

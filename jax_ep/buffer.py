@@ -42,6 +42,24 @@ def slot_bytes_for(hidden: int, num_topk: int) -> int:
     return _align16(hidden * 4) + _align16(-(-hidden // 128) * 4) + _align16(num_topk * 12)
 
 
+LL_CHUNK = 256  # channels per low-latency combine chunk (xla_ffi/low_latency/low_latency.h)
+LL_MAX_LOCAL_EXPERTS = 1024  # xla_ffi/common/comm.h kMaxLocalExperts
+
+
+def ll_slot_bytes_for(hidden: int, num_topk: int) -> int:
+    """Staging slot of the low-latency workspace: a dispatched token (routing metadata, a
+    bfloat16 row, FP8 scales), a combined partial row with its chunk flags, or a header of
+    per-expert counts."""
+    dispatch = _align16(num_topk * 12) + _align16(hidden * 2) + _align16(-(-hidden // 128) * 4)
+    combine = _align16(hidden * 2) + _align16(-(-hidden // LL_CHUNK) * 8)
+    return max(dispatch, combine, 4 * LL_MAX_LOCAL_EXPERTS)
+
+
+def ll_slots_for(max_tokens: int) -> int:
+    """Slots per source rank: per buffer parity, M dispatch slots + a header, and M combine."""
+    return 2 * (max_tokens + 1) + 2 * max_tokens
+
+
 class Buffer:
     """The EP group: mesh axis, backend and static options; create it outside jit.
 
@@ -58,6 +76,10 @@ class Buffer:
         and receives after).
       max_tokens_per_rank, hidden, num_topk: backend "cuda": the largest call the workspace must
         hold (T, H, K); "auto" uses "cuda" only when they are given.
+      ll_max_tokens_per_rank: M, the most tokens a rank sends per low-latency call
+        (jax_ep.low_latency; with hidden and num_topk): backend "cuda" allocates a second,
+        double-buffered workspace for them. Both backends need it for the low-latency ops
+        (it fixes their receive shape [E_local, R * M, H]).
       timeout_s: backend "cuda": bound of every wait on a peer (default: env JAX_EP_TIMEOUT_S or
         60); on expiry the call fails naming the rank and phase instead of hanging.
 
@@ -75,7 +97,8 @@ class Buffer:
                  checked: bool = False, num_sms: Optional[int] = None,
                  num_recv_sms: Optional[int] = None,
                  max_tokens_per_rank: Optional[int] = None, hidden: Optional[int] = None,
-                 num_topk: Optional[int] = None, timeout_s: Optional[float] = None):
+                 num_topk: Optional[int] = None, ll_max_tokens_per_rank: Optional[int] = None,
+                 timeout_s: Optional[float] = None):
         if not isinstance(mesh, Mesh):
             raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
         if axis_name not in mesh.shape:
@@ -84,7 +107,10 @@ class Buffer:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         platforms = {d.platform for d in np.asarray(mesh.devices).ravel()}
         on_gpu = platforms == {"gpu"}
-        sized = None not in (max_tokens_per_rank, hidden, num_topk)
+        if ll_max_tokens_per_rank is not None and int(ll_max_tokens_per_rank) < 1:
+            raise ValueError(f"ll_max_tokens_per_rank must be >= 1, got {ll_max_tokens_per_rank}")
+        sized = None not in (hidden, num_topk) and (
+            max_tokens_per_rank is not None or ll_max_tokens_per_rank is not None)
         groups = _ep_groups(mesh, axis_name)
         if backend == "auto":
             usable = on_gpu and sized and _cuda_kernels_available()
@@ -98,7 +124,8 @@ class Buffer:
                     "install time); use backend='xla' or 'auto'")
             if not sized:
                 raise ValueError("backend 'cuda' sizes its workspace at creation: pass "
-                                 "max_tokens_per_rank, hidden and num_topk")
+                                 "hidden, num_topk and max_tokens_per_rank (and/or "
+                                 "ll_max_tokens_per_rank for the low-latency ops)")
         if num_sms is not None and num_sms < 1:
             raise ValueError(f"num_sms must be >= 1, got {num_sms}")
         if num_recv_sms is not None:
@@ -111,7 +138,10 @@ class Buffer:
         self.num_sms, self.num_recv_sms = num_sms, num_recv_sms
         self.max_tokens_per_rank = max_tokens_per_rank
         self.hidden, self.num_topk = hidden, num_topk
+        self.ll_max_tokens_per_rank = (None if ll_max_tokens_per_rank is None
+                                       else int(ll_max_tokens_per_rank))
         self.workspace_id = 0
+        self.ll_workspace_id = 0
         self.transport = None
         self._transport = None
         self._closed = False
@@ -132,17 +162,26 @@ class Buffer:
             # senders still push ~320 GB/s (benchmarks/nvlink_probe.cu: 24 blocks, 318 GB/s).
             num_recv_sms = num_sms - max(num_sms // 4, 1)
         _check_recv_sms(num_recv_sms, num_sms)  # num_sms may only now be known
-        self.slot_bytes = slot_bytes_for(hidden, num_topk)
-        spec = transports.WorkspaceSpec(int(max_tokens), int(self.slot_bytes), int(num_sms),
-                                        int(num_recv_sms), int(timeout_s * 1e9))
-        self.workspace_id = transport.create_workspace(groups, spec)
         self._transport, self.transport = transport, transport.name
+        if max_tokens is not None:
+            self.slot_bytes = slot_bytes_for(hidden, num_topk)
+            spec = transports.WorkspaceSpec(int(max_tokens), int(self.slot_bytes), int(num_sms),
+                                            int(num_recv_sms), int(timeout_s * 1e9))
+            self.workspace_id = transport.create_workspace(groups, spec)
+        if self.ll_max_tokens_per_rank is not None:
+            spec = transports.WorkspaceSpec(ll_slots_for(self.ll_max_tokens_per_rank),
+                                            ll_slot_bytes_for(hidden, num_topk), int(num_sms), 0,
+                                            int(timeout_s * 1e9))
+            self.ll_workspace_id = transport.create_workspace(groups, spec)
         self.num_sms, self.num_recv_sms = num_sms, num_recv_sms
 
     def check_fits(self, num_tokens: int, hidden: int, num_topk: int) -> None:
         """Trace-time check that a call fits the workspace of backend "cuda" (else ValueError)."""
         if self.backend != "cuda":
             return
+        if not self.workspace_id:
+            raise ValueError("this Buffer has only a low-latency workspace: create it with "
+                             "max_tokens_per_rank for jax_ep.dispatch / combine")
         limits = (self.max_tokens_per_rank, self.hidden, self.num_topk)
         if num_tokens > limits[0] or hidden > limits[1] or num_topk > limits[2]:
             raise ValueError(
@@ -152,8 +191,10 @@ class Buffer:
 
     def check(self) -> None:
         """Raises RuntimeError if a kernel of this Buffer timed out waiting for a peer."""
-        if self.workspace_id and not self._closed:
-            message = self._transport.error(self.workspace_id)
+        if self._closed:
+            return
+        for workspace_id in (self.workspace_id, self.ll_workspace_id):
+            message = self._transport.error(workspace_id) if workspace_id else ""
             if message:
                 raise RuntimeError(message)
 
@@ -178,9 +219,11 @@ class Buffer:
     def close(self) -> None:
         """Frees the device workspace (nothing to free for the xla backend). Idempotent.
         Collective for the "nvshmem" transport: every process closes it, in the same order."""
-        if self.workspace_id and not self._closed:
+        if not self._closed:
             self._closed = True
-            self._transport.release(self.workspace_id)
+            for workspace_id in (self.workspace_id, self.ll_workspace_id):
+                if workspace_id:
+                    self._transport.release(workspace_id)
         self._closed = True
 
     def __del__(self):

@@ -3,9 +3,27 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import _ffi
 from .types import DispatchLayout
+
+
+def static_int(name: str, value, *, minimum: int = 1, meaning: str = "") -> int:
+    """``value`` as a Python int, for a static (shape-defining) argument.
+
+    Accepts Python ints and numpy integer scalars; rejects everything else (floats such as 2.5 or
+    4.0, strings, None, bool, arrays) with a TypeError instead of truncating it, and values below
+    ``minimum`` with a ValueError.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        got = "None" if value is None else f"{type(value).__name__} {value!r}"
+        what = f" ({meaning})" if meaning else ""
+        raise TypeError(f"{name}{what} must be a static integer (a Python int or a numpy integer "
+                        f"scalar), got {got}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {int(value)}")
+    return int(value)
 
 
 def check_topk_idx(topk_idx, num_experts: int, num_ranks: int) -> None:
@@ -13,8 +31,8 @@ def check_topk_idx(topk_idx, num_experts: int, num_ranks: int) -> None:
         raise ValueError(f"topk_idx must be [T, K], got shape {topk_idx.shape}")
     if topk_idx.dtype != jnp.int32:
         raise TypeError(f"topk_idx must be int32, got {topk_idx.dtype}")
-    if num_ranks < 1 or num_experts < 1:
-        raise ValueError(f"need num_experts >= 1 and num_ranks >= 1, got {num_experts}, {num_ranks}")
+    num_experts = static_int("num_experts", num_experts, meaning="E, the global number of experts")
+    num_ranks = static_int("num_ranks", num_ranks, meaning="R, the number of EP ranks")
     if num_experts % num_ranks:
         raise ValueError(
             f"num_experts ({num_experts}) must be a multiple of the number of EP ranks ({num_ranks})")
@@ -65,6 +83,7 @@ def get_dispatch_layout(topk_idx, num_experts: int, num_ranks: int) -> DispatchL
       built, this lowers to the `jax_ep_dispatch_layout` custom call; elsewhere to plain JAX.
     """
     check_topk_idx(topk_idx, num_experts, num_ranks)
+    num_experts, num_ranks = int(num_experts), int(num_ranks)
 
     def xla(idx):
         return dispatch_layout_xla(idx, num_experts, num_ranks)

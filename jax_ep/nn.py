@@ -9,6 +9,11 @@ The modules only own parameters; the math lives in pure functions (`route`,
     moe = MoE(buf, hidden=64, intermediate=128, num_experts=8, top_k=2, rngs=nnx.Rngs(0))
     y = moe(x)                                  # x: [batch, seq, hidden], plain jit is fine
     out = moe(x, return_aux=True)               # MoEOutput(y, aux_loss, num_dropped, ...)
+
+Inference (decoding) runs the same parameters through the low-latency ops (jax_ep.low_latency,
+a Buffer with ll_max_tokens_per_rank):
+
+    y = moe.decode(x)                           # FP8 dispatch, batched expert GEMM, LL combine
 """
 from __future__ import annotations
 
@@ -25,8 +30,9 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from . import low_latency as ll
 from .buffer import Buffer
-from .ops import combine, default_recv_capacity, dispatch
+from .ops import FP8_BLOCK, combine, default_recv_capacity, dispatch
 
 f32 = jnp.float32
 SCORINGS = ("softmax", "sigmoid")
@@ -201,6 +207,25 @@ def grouped_swiglu(rows, group_sizes, w_gate, w_up, w_down, dtype):
     return y.astype(dtype)
 
 
+def batched_swiglu(rows, w_gate, w_up, w_down, dtype):
+    """SwiGLU of the expert-major rows [E_local, C, H] with the stacked expert weights
+    ([E_local, H, F], [E_local, F, H]) as one batched matmul per projection -> [E_local, C, H]."""
+    rows = rows.astype(dtype)
+    g = jnp.einsum("ech,ehf->ecf", rows, w_gate.astype(dtype), preferred_element_type=f32)
+    u = jnp.einsum("ech,ehf->ecf", rows, w_up.astype(dtype), preferred_element_type=f32)
+    a = (jax.nn.silu(g) * u).astype(dtype)
+    y = jnp.einsum("ecf,efh->ech", a, w_down.astype(dtype), preferred_element_type=f32)
+    return y.astype(dtype)
+
+
+def dequantize_fp8(q, scales, dtype):
+    """FP8 rows [..., H] (float8_e4m3fn) with per-128-channel scales [..., H // 128] -> dtype:
+    x = q * scale, the product in float32."""
+    h = q.shape[-1]
+    blocks = q.astype(f32).reshape(q.shape[:-1] + (h // FP8_BLOCK, FP8_BLOCK))
+    return (blocks * scales.astype(f32)[..., None]).reshape(q.shape).astype(dtype)
+
+
 class MoEOutput(NamedTuple):
     """What `MoE(x, return_aux=True)` returns (statistics are over the whole EP group)."""
 
@@ -234,6 +259,18 @@ class _ShardConfig:
     has_bias: bool
     has_shared: bool
     with_stats: bool  # aux loss, drops and counts over the EP group (psums); else none
+
+
+@dataclasses.dataclass(frozen=True)
+class _DecodeConfig:
+    router: RouterConfig
+    num_experts: int
+    num_tokens: int  # real tokens (all ranks); the rest of the last rank's rows are padding
+    tokens_per_rank: int
+    use_fp8: bool
+    dtype: Any
+    has_bias: bool
+    has_shared: bool
 
 
 class MoE(nnx.Module):
@@ -370,6 +407,64 @@ class MoE(nnx.Module):
         y, aux_loss, dropped, counts = fn(*args)
         return MoEOutput(y.reshape(x.shape), aux_loss, dropped, counts)
 
+    def decode(self, x, *, use_fp8: bool = True, buffer: Optional[Buffer] = None):
+        """Inference forward through the low-latency ops: x [..., H] -> [..., H] x.dtype.
+
+        The same parameters and router as __call__; per rank: route (float32, as __call__),
+        jax_ep.low_latency.dispatch of the bfloat16 tokens (FP8 e4m3 + per-128-channel scales
+        with use_fp8, else bfloat16), dequantize to the compute dtype, SwiGLU experts as one
+        batched matmul over the expert-major [E_local, R * M, H] rows (rows past recv_count are
+        computed too and never read), jax_ep.low_latency.combine (bfloat16), shared experts
+        added in the compute dtype. Tokens are sharded over the EP axis; their number need not
+        be a multiple of the ranks (the last rows are padded, not routed, and cut off), but at
+        most M = buffer.ll_max_tokens_per_rank land on each rank. No gradient (inference).
+
+        Versus __call__ the output differs by the roundings of the low-latency format: tokens
+        cast to bfloat16 (or FP8: ~2^-4 relative per element), expert outputs, partial sums and
+        the result rounded to bfloat16.
+
+        Args:
+          x: [..., H] tokens (any leading dims), any float dtype.
+          use_fp8: FP8 dispatch (H a multiple of 128); False: bfloat16 (H a multiple of 8).
+          buffer: the Buffer whose low-latency workspace to use (default: the layer's); it
+            must be over the same mesh axis and ranks, e.g. one sized for a prefill and one
+            for single-token steps.
+        """
+        if x.ndim < 2 or x.shape[-1] != self.hidden:
+            raise ValueError(f"MoE expects [..., {self.hidden}] inputs, got {x.shape}")
+        buffer = self.buffer if buffer is None else buffer
+        if not isinstance(buffer, Buffer):
+            raise TypeError(f"buffer must be a jax_ep.Buffer, got {type(buffer).__name__}")
+        if (buffer.mesh, buffer.axis_name) != (self.buffer.mesh, self.buffer.axis_name):
+            raise ValueError("MoE.decode: the buffer must be over the layer's mesh and EP axis "
+                             f"({self.buffer.axis_name!r}), its experts are sharded there")
+        if buffer.ll_max_tokens_per_rank is None:
+            raise ValueError("MoE.decode runs the low-latency ops: create the Buffer with "
+                             "ll_max_tokens_per_rank=M (tokens per rank per call)")
+        n = int(np.prod(x.shape[:-1]))
+        r = buffer.num_ranks
+        t_local = max(-(-n // r), 1)
+        if t_local > buffer.ll_max_tokens_per_rank:
+            raise ValueError(f"MoE.decode: {n} tokens over {r} ranks put {t_local} on a rank, "
+                             f"more than the Buffer's ll_max_tokens_per_rank="
+                             f"{buffer.ll_max_tokens_per_rank}")
+        cfg = _DecodeConfig(self.router.config, self.num_experts, n, t_local, bool(use_fp8),
+                            self.dtype, self.router.bias is not None, self.num_shared_experts > 0)
+        kernel, bias, wg, wu, wd, sg, su, sd = self._weights()
+        ax = buffer.axis_name
+        xf = x.reshape(n, self.hidden)
+        if r * t_local != n:
+            xf = jnp.pad(xf, ((0, r * t_local - n), (0, 0)))
+        args, specs = [xf, kernel, wg, wu, wd], [P(ax), P(), P(ax), P(ax), P(ax)]
+        if cfg.has_bias:
+            args.append(bias)
+            specs.append(P())
+        if cfg.has_shared:
+            args += [sg, su, sd]
+            specs += [P(), P(), P()]
+        y = _sharded_decode(cfg, buffer, tuple(specs))(*args)
+        return y[:n].reshape(x.shape)
+
 
 @functools.lru_cache(maxsize=64)
 def _sharded_moe(cfg: _ShardConfig, buffer: Buffer, in_specs):
@@ -406,6 +501,39 @@ def _moe_shard(cfg: _ShardConfig, buffer: Buffer, x, kernel, wg, wu, wd, *rest):
         return out
     aux_loss, counts = load_balance_stats(cfg.router, routing, ax)
     return out, aux_loss, lax.psum(res.num_dropped, ax), counts
+
+
+@functools.lru_cache(maxsize=64)
+def _sharded_decode(cfg: _DecodeConfig, buffer: Buffer, in_specs):
+    """jit(shard_map(_decode_shard)), cached per configuration like _sharded_moe."""
+    def shard(*a):
+        return _decode_shard(cfg, buffer, *a)
+
+    return jax.jit(jax.shard_map(shard, mesh=buffer.mesh, in_specs=in_specs,
+                                 out_specs=P(buffer.axis_name)))
+
+
+def _decode_shard(cfg: _DecodeConfig, buffer: Buffer, x, kernel, wg, wu, wd, *rest):
+    """Per-rank body of MoE.decode: x [T, H] local tokens (T <= M), w* [E_local, ...]."""
+    rest = list(rest)
+    bias = rest.pop(0) if cfg.has_bias else None
+    routing = route(cfg.router, kernel, x, bias)
+    topk_idx = routing.topk_idx
+    t = x.shape[0]
+    if cfg.num_tokens < cfg.tokens_per_rank * buffer.num_ranks:  # padding rows: not routed
+        row = lax.axis_index(buffer.axis_name) * t + jnp.arange(t)
+        topk_idx = jnp.where((row < cfg.num_tokens)[:, None], topk_idx, -1)
+    res = ll.dispatch(buffer, x.astype(jnp.bfloat16), topk_idx, routing.topk_weights,
+                      num_experts=cfg.num_experts, use_fp8=cfg.use_fp8)
+    rows = res.recv_x
+    if cfg.use_fp8:
+        rows = dequantize_fp8(rows, res.recv_x_scales, cfg.dtype)
+    y = batched_swiglu(rows, wg, wu, wd, cfg.dtype).astype(jnp.bfloat16)
+    out = ll.combine(buffer, y, res.handle).out
+    if cfg.has_shared:
+        xc = x.astype(cfg.dtype)
+        out = (out.astype(f32) + swiglu(xc, *rest, cfg.dtype).astype(f32)).astype(cfg.dtype)
+    return out.astype(x.dtype)
 
 
 # ------------------------------------------------------------------------------ oracle

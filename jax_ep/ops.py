@@ -14,7 +14,7 @@ from jax.experimental import checkify
 
 from . import backends
 from .buffer import Buffer
-from .layout import check_topk_idx
+from .layout import check_topk_idx, static_int
 from .types import DispatchConfig, DispatchHandle, DispatchResult
 
 FP8_BLOCK = 128  # channels per FP8 scale
@@ -38,6 +38,13 @@ def _axis_size(axis_name) -> int:
 def default_recv_capacity(layout: str, num_ranks: int, num_tokens: int, num_topk: int,
                           num_local_experts: int, expert_alignment: int = 1) -> int:
     """Receive rows that can never overflow (the worst case of docs/api.md)."""
+    if layout not in _LAYOUTS:
+        raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
+    num_ranks = static_int("num_ranks", num_ranks)
+    num_tokens = static_int("num_tokens", num_tokens, minimum=0)
+    num_topk = static_int("num_topk", num_topk, minimum=0)
+    num_local_experts = static_int("num_local_experts", num_local_experts)
+    expert_alignment = static_int("expert_alignment", expert_alignment)
     if layout == "token":
         return max(num_ranks * num_tokens, 1)
     rows = num_ranks * num_tokens * num_topk + num_local_experts * (expert_alignment - 1)
@@ -79,22 +86,23 @@ def make_config(buffer: Buffer, num_tokens: int, num_topk: int, *, num_experts: 
                          f"made for {buffer.num_ranks}")
     if layout not in _LAYOUTS:
         raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
-    if int(expert_alignment) < 1:
-        raise ValueError(f"expert_alignment must be >= 1, got {expert_alignment}")
+    num_experts = static_int("num_experts", num_experts, meaning="E, the global number of experts")
+    expert_alignment = static_int("expert_alignment", expert_alignment,
+                                  meaning="expert groups are padded to a multiple of it")
     num_local = num_experts // num_ranks
     if recv_capacity is None:
         recv_capacity = default_recv_capacity(layout, num_ranks, num_tokens, num_topk, num_local,
                                               expert_alignment)
-    if int(recv_capacity) < 1:
-        raise ValueError(f"recv_capacity must be >= 1, got {recv_capacity}")
+    recv_capacity = static_int("recv_capacity", recv_capacity,
+                               meaning="receive rows per rank, or None for the no-drop default")
     # Token layout never keeps more than C rows from one source; the expert layout may need
     # any of a source's tokens, so it sends up to all T of them.
-    send_capacity = num_tokens if layout == "expert" else min(num_tokens, int(recv_capacity))
+    send_capacity = num_tokens if layout == "expert" else min(num_tokens, recv_capacity)
     return DispatchConfig(
         axis_name=buffer.axis_name, backend=buffer.backend, layout=layout, num_ranks=num_ranks,
-        num_experts=int(num_experts), num_tokens=num_tokens, num_topk=num_topk,
-        recv_capacity=int(recv_capacity), send_capacity=max(send_capacity, 1),
-        expert_alignment=int(expert_alignment), checked=buffer.checked,
+        num_experts=num_experts, num_tokens=num_tokens, num_topk=num_topk,
+        recv_capacity=recv_capacity, send_capacity=max(send_capacity, 1),
+        expert_alignment=expert_alignment, checked=buffer.checked,
         workspace_id=buffer.workspace_id)
 
 

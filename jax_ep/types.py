@@ -108,3 +108,119 @@ class DispatchResult:
 _pytree(DispatchLayout)
 _pytree(DispatchHandle, meta=("config",))
 _pytree(DispatchResult)
+
+
+# ---------------------------------------------------------------- low-latency (decode) mode
+
+
+@dataclasses.dataclass(frozen=True)
+class LowLatencyConfig:
+    """Static description of one low-latency call site (hashable; pytree metadata).
+
+    M = max_tokens (the Buffer's ll_max_tokens_per_rank): every local expert receives into R * M
+    rows, enough for every token of every rank.
+    """
+
+    axis_name: Any
+    backend: str
+    num_ranks: int
+    num_experts: int
+    num_tokens: int  # T <= M, rows of x on each rank
+    hidden: int  # H
+    num_topk: int  # K
+    max_tokens: int  # M
+    use_fp8: bool
+    workspace_id: int = 0  # backend "cuda": the Buffer's low-latency workspace
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.num_experts // self.num_ranks
+
+    @property
+    def expert_capacity(self) -> int:
+        return self.num_ranks * self.max_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class LowLatencyHandle:
+    """What a low-latency combine needs from its dispatch (R ranks, T tokens, K top-k).
+
+    Attributes:
+      slot_rows: [R, T, K] int32 on the experts' rank: packed receive row (local expert j,
+        row r) = j * R * M + r of entry k of token t of source s; -1 where that expert is not
+        on this rank (or the source is masked), -2 where it is but the row did not fit.
+      slot_weights: [R, T, K] float32 routing weight of each such entry (0 elsewhere).
+      token_dests: [T] int32 on the source: bit d set when a top-k expert of token t is on rank d.
+      token_sent: [T] int32: the ranks of token_dests the token was actually sent to (not masked).
+    """
+
+    config: LowLatencyConfig
+    slot_rows: Array
+    slot_weights: Array
+    token_dests: Array
+    token_sent: Array
+
+
+@dataclasses.dataclass(frozen=True)
+class LowLatencyPending:
+    """An exchange in flight between a send and its receive (low-latency dispatch or combine).
+
+    Attributes:
+      ticket: [2] int32 (generation, buffer parity) of the send; the receive checks it on the
+        device (a receive without its send, or two sends in flight on one parity, is an error).
+      failed_ranks: [R] int32 mask the send ran with (non-zero = skipped rank).
+      handle: the dispatch's LowLatencyHandle (combine only; for dispatch the partial handle of
+        the source side: token_dests / token_sent).
+      blocks: backend "xla" only: the exchanged arrays the receive lays out; None for "cuda".
+    """
+
+    config: LowLatencyConfig
+    ticket: Array
+    failed_ranks: Array
+    handle: Optional[LowLatencyHandle]
+    blocks: Optional[Any] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LowLatencyDispatchResult:
+    """What a low-latency dispatch returns on each rank (L = local experts, M = max tokens).
+
+    Attributes:
+      recv_x: [L, R * M, H] bfloat16, or float8_e4m3fn with use_fp8: expert-major rows; rows
+        of expert j from source s are rows [begin, begin + count) of recv_range[j, s], in token
+        order; rows >= recv_count[j] are unspecified on backend "cuda" (zeros on "xla").
+      recv_x_scales: [L, R * M, H // 128] float32 per-128-channel scales (use_fp8), else None:
+        x = recv_x * scale.
+      recv_count: [L] int32 rows stored per local expert.
+      recv_src: [L, R * M] int32 source of each row as s * M + t; -1 beyond recv_count.
+      recv_range: [L, R, 2] int32 (begin, count) of each source's rows per expert (count
+        before any drop: rows past R * M are dropped).
+      num_dropped: [] int32 rows that did not fit (only possible with repeated experts per token).
+      handle: LowLatencyHandle for combine.
+    """
+
+    recv_x: Array
+    recv_x_scales: Optional[Array]
+    recv_count: Array
+    recv_src: Array
+    recv_range: Array
+    num_dropped: Array
+    handle: LowLatencyHandle
+
+
+@dataclasses.dataclass(frozen=True)
+class LowLatencyCombineResult:
+    """Attributes:
+      out: [T, H] bfloat16: sum over the token's experts of weight * expert output.
+      num_missing: [T] int32 ranks holding experts of the token whose outputs are missing
+        (masked as failed at dispatch or combine); 0 everywhere without failed ranks.
+    """
+
+    out: Array
+    num_missing: Array
+
+
+_pytree(LowLatencyHandle, meta=("config",))
+_pytree(LowLatencyPending, meta=("config",))
+_pytree(LowLatencyDispatchResult)
+_pytree(LowLatencyCombineResult)

@@ -118,6 +118,13 @@ CASES = [
     Case(4, 33, 8, 2, 8, "expert", 1, 1, "bf16", "skew"),  # C = 1
     Case(8, 33, 8, 4, 32, "expert", 8, 100, "bf16", "random+dup"),  # truncation mid-group
     Case(2, 1, 8, 3, 4, "expert", 4, None, "f32", "dup+invalid"),
+    # ---- T = 0 tokens per rank (T is static, so every rank has none): empty results ----
+    Case(4, 0, 8, 2, 8, "token", 1, None, "f32", "random"),
+    Case(2, 0, 8, 3, 4, "token", 1, 3, "bf16", "random"),
+    Case(4, 0, 128, 2, 8, "token", 1, None, "fp8", "random"),
+    Case(4, 0, 8, 2, 8, "expert", 4, None, "f32", "random"),
+    Case(8, 0, 8, 4, 16, "expert", 1, 5, "f16", "random"),
+    Case(2, 0, 256, 2, 4, "expert", 8, None, "fp8", "random"),
 ]
 
 
@@ -178,7 +185,7 @@ def run_case(case, rng, exact_products=True):
     model_out = nm.combine(ys, model, layout=layout, tokens=T)
 
     identity = not fp8 and C is None
-    with make_buffer(mesh, tokens=T, hidden=H, topk=K) as buf:
+    with make_buffer(mesh, tokens=max(T, 1), hidden=H, topk=K) as buf:
         fn, seen = build_dispatch_combine(mesh, buf, num_experts=E, layout=layout,
                                           recv_capacity=C, expert_alignment=A, fp8=fp8,
                                           identity=identity)
@@ -305,6 +312,7 @@ def test_default_capacity_equals_explicit(rng):
     (8, 100, 8, 64, "random+empty+invalid"),
     (4, 33, 3, 8, "skew"),
     (2, 7, 4, 4, "none"),
+    (4, 0, 3, 8, "random"),  # T = 0: zero counts, [0, R] is_token_in_rank
 ])
 def test_get_dispatch_layout(R, T, K, E, mode, rng):
     mesh = make_mesh(R)

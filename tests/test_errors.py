@@ -87,6 +87,55 @@ def test_unknown_layout(mesh, buf, rng, layout):
         dispatch_call(mesh, buf, arrays(rng), num_experts=E, layout=layout)
 
 
+# Static sizes must be integers: a float is not truncated (2.5 -> 2), a string not parsed.
+NOT_INTEGERS = [2.5, 4.0, np.float32(4.0), np.float64(2.5), "4", None, True, np.bool_(True),
+                np.array([4]), jnp.int32(4)]
+
+
+def _not_integer_id(v):
+    return f"{type(v).__name__}-{v!r}"
+
+
+@pytest.mark.parametrize("value", [v for v in NOT_INTEGERS if v is not None], ids=_not_integer_id)
+@pytest.mark.parametrize("layout", ["token", "expert"])
+def test_capacity_not_an_integer(mesh, buf, rng, value, layout):
+    with pytest.raises(TypeError, match=r"recv_capacity .*must be a static integer.*got "):
+        dispatch_call(mesh, buf, arrays(rng), num_experts=E, layout=layout, recv_capacity=value)
+
+
+@pytest.mark.parametrize("value", NOT_INTEGERS, ids=_not_integer_id)
+def test_alignment_not_an_integer(mesh, buf, rng, value):
+    with pytest.raises(TypeError, match=r"expert_alignment .*must be a static integer.*got "):
+        dispatch_call(mesh, buf, arrays(rng), num_experts=E, layout="expert",
+                      expert_alignment=value)
+
+
+@pytest.mark.parametrize("value", NOT_INTEGERS, ids=_not_integer_id)
+def test_num_experts_not_an_integer(mesh, buf, rng, value):
+    with pytest.raises(TypeError, match=r"num_experts .*must be a static integer.*got "):
+        dispatch_call(mesh, buf, arrays(rng), num_experts=value)
+
+
+@pytest.mark.parametrize("what", ["num_experts", "num_ranks"])
+@pytest.mark.parametrize("value", NOT_INTEGERS, ids=_not_integer_id)
+def test_get_dispatch_layout_sizes_not_integers(mesh, rng, what, value):
+    _, idx, _ = arrays(rng)
+    kw = {"num_experts": E, "num_ranks": R, what: value}
+    with pytest.raises(TypeError, match=rf"{what} .*must be a static integer.*got "):
+        shard_jit(mesh, lambda i: jax_ep.get_dispatch_layout(i, **kw).num_tokens_per_rank)(idx)
+
+
+@pytest.mark.parametrize("layout", ["token", "expert"])
+def test_numpy_integer_sizes_accepted(mesh, buf, rng, layout):
+    """numpy integer scalars are integers: same result as Python ints."""
+    args = arrays(rng)
+    want = dispatch_call(mesh, buf, args, num_experts=E, layout=layout, recv_capacity=6,
+                         expert_alignment=2)
+    got = dispatch_call(mesh, buf, args, num_experts=np.int64(E), layout=layout,
+                        recv_capacity=np.int32(6), expert_alignment=np.uint8(2))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 # ------------------------------------------------------------------------------------------------
 # FP8
 # ------------------------------------------------------------------------------------------------

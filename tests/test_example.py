@@ -70,8 +70,30 @@ def test_main_writes_outputs(example, tmp_path):
     summary = example.main([
         "--steps", "2", "--batch", "8", "--seq-len", "16", "--d-model", "32", "--layers", "1",
         "--heads", "2", "--d-ff", "32", "--experts", "8", "--eval-batches", "1",
-        "--backend", "xla", "--out", str(tmp_path)])
+        "--backend", "xla", "--out", str(tmp_path), "--save", str(tmp_path / "params.npz")])
     assert math.isfinite(summary["start_loss"]) and math.isfinite(summary["end_loss"])
     history = json.loads((tmp_path / "history.json").read_text())
     assert history["step"] == [1, 2] and len(history["eval_loss"]) == 2
     assert (tmp_path / "loss.png").stat().st_size > 0
+    with np.load(tmp_path / "params.npz") as saved:  # for examples/decode_moe.py --params
+        assert json.loads(str(saved["__config__"]))["d_model"] == 32
+        assert saved["blocks/0/moe/w_gate"].shape == (8, 32, 32)
+
+
+def test_main_reports_dropped_rows_as_run_total(example, tmp_path, capsys):
+    """The final report says the dropped rows are the run's total (a share of the routed rows),
+    and history.json keeps them per step (the middle panel of loss.png)."""
+    n = len(jax.devices())
+    if n < 2 or 8 % n:
+        pytest.skip(f"needs a device count dividing 8, have {n}")
+    summary = example.main([
+        "--steps", "2", "--batch", "8", "--seq-len", "16", "--d-model", "32", "--layers", "1",
+        "--heads", "2", "--d-ff", "32", "--experts", "8", "--eval-batches", "1",
+        "--capacity-factor", "0.5", "--backend", "xla", "--out", str(tmp_path)])
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert len(history["dropped"]) == 2
+    assert summary["total_dropped"] == sum(history["dropped"]) > 0  # factor 0.5 must drop
+    assert summary["routed_rows"] == 2 * 8 * 16 * 2 * 1  # steps * tokens * top_k * layers
+    out = capsys.readouterr().out
+    assert f"dropped rows: {summary['total_dropped']:,} in total over 2 steps" in out, out
+    assert "0 = none lost" in out

@@ -210,3 +210,46 @@ def test_fp8_pair_vjp(layout, mesh, buf, rng):
     ds_ref = np.concatenate(nm.combine_unweighted(split(ct_s), model, layout=layout, tokens=T))
     np.testing.assert_array_equal(dx.astype(np.float32), dx_ref)
     np.testing.assert_allclose(ds, ds_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["f32", "fp8"])
+@pytest.mark.parametrize("layout", ["token", "expert"])
+def test_grads_with_no_tokens(layout, fp8, mesh, buf, rng):
+    """T = 0 tokens per rank: dispatch -> expert -> combine differentiates to empty cotangents
+    for x / scales / topk_weights and to zeros for the receive rows y (no row holds data)."""
+    hidden = 128 if fp8 else H
+    kw = LAYOUT_KW[layout]
+    cap = nm.default_capacity(layout, R, 0, K, E, kw.get("expert_alignment", 1))
+    x = np.zeros((0, hidden), jnp.float8_e4m3fn if fp8 else np.float32)
+    scales = np.zeros((0, hidden // 128), np.float32)
+    idx = np.zeros((0, K), np.int32)
+    w = np.zeros((0, K), np.float32)
+    y = rng.uniform(-2, 2, size=(R * cap, hidden)).astype(np.float32)
+
+    def per_shard(x, scales, w, y, idx):
+        res = jax_ep.dispatch(buf, (x, scales) if fp8 else x, idx, w, num_experts=E, **kw)
+        assert res.recv_x.shape == (cap, hidden)
+        rows = res.recv_x.astype(jnp.float32)
+        if fp8:
+            rows = rows * jnp.repeat(res.recv_x_scales, 128, axis=1)
+        out = jax_ep.combine(buf, jnp.tanh(rows) + y, res.handle)
+        return out, jnp.sum(rows, axis=1), jnp.reshape(res.num_recv_rows, (1,))
+
+    g = shard_jit(mesh, per_shard)
+    out, rows, num_rows = jax.device_get(g(x, scales, w, y, idx))
+    assert out.shape == (0, hidden) and rows.shape == (R * cap,)
+    np.testing.assert_array_equal(rows, 0)
+    np.testing.assert_array_equal(num_rows, 0)
+
+    def loss(x, scales, w, y):
+        out, rows, _ = g(x, scales, w, y, idx)
+        return jnp.sum(out * out) + jnp.sum(jnp.sin(rows))
+
+    argnums = (0, 1, 2, 3) if fp8 else (0, 2, 3)
+    grads = jax.device_get(jax.grad(loss, argnums=argnums)(x, scales, w, y))
+    want = [a for i, a in enumerate((x, scales, w, y)) if i in argnums]
+    for got, ref in zip(grads, want):
+        assert got.shape == ref.shape and got.dtype == ref.dtype
+    np.testing.assert_array_equal(grads[-1], 0)  # dy: combine of no tokens reads no row
+    if not fp8:
+        check(lambda y: g(x, scales, w, y, idx)[0], (y,))

@@ -27,6 +27,12 @@ NB_MODULE(_jax_ep_cuda, m) {
         targets["jax_ep_broadcast"] = nb::capsule(jax_ep::BroadcastHandler());
         targets["jax_ep_peer_copy"] = nb::capsule(jax_ep::PeerCopyHandler());
         targets["jax_ep_slot_ranks"] = nb::capsule(jax_ep::SlotRanksHandler());
+        targets["jax_ep_ll_dispatch_send"] = nb::capsule(jax_ep::LLDispatchSendHandler());
+        targets["jax_ep_ll_dispatch_recv"] = nb::capsule(jax_ep::LLDispatchRecvHandler());
+        targets["jax_ep_ll_combine_send"] = nb::capsule(jax_ep::LLCombineSendHandler());
+        targets["jax_ep_ll_combine_recv"] = nb::capsule(jax_ep::LLCombineRecvHandler());
+        targets["jax_ep_ll_dispatch"] = nb::capsule(jax_ep::LLDispatchHandler());
+        targets["jax_ep_ll_combine"] = nb::capsule(jax_ep::LLCombineHandler());
         return targets;
       },
       "dict {FFI target name: PyCapsule of its handler}, for jax.ffi.register_ffi_target.");

@@ -92,3 +92,25 @@ def test_multiprocess_example_runs():
     assert proc.returncode == 0, text[-4000:]
     for rank in (0, 1):
         assert f"rank {rank}/2 backend" in text and "max |err|" in text, text[-4000:]
+
+
+@pytest.mark.parametrize("num_processes", RANKS)
+def test_multiprocess_low_latency(num_processes, seed):
+    """jax_ep.low_latency across processes (NVSHMEM on GPUs): fused and send/recv split, FP8
+    and bfloat16, skew, -1, invalid and repeated experts, a rank masked as failed."""
+    results = _run("ll_bodies:ll_checks", num_processes, seed)
+    for r in results:
+        print(f"rank {r.rank}: {r.result}")
+        assert r.result["rank"] == r.rank and r.result["cases"] == 4
+
+
+@pytest.mark.parametrize("num_processes", RANKS)
+def test_multiprocess_low_latency_survives_a_dead_rank(num_processes, seed):
+    """The last rank never runs the low-latency ops; masked as failed, the others complete."""
+    if _backend() != "cuda":
+        pytest.skip("backend 'xla' exchanges through XLA collectives, which need every rank")
+    results = _run("ll_bodies:ll_skipped_rank", num_processes, seed, timeout_s=240)
+    for r in results:
+        print(f"rank {r.rank}: {r.result}")
+        if r.rank != num_processes - 1:
+            assert r.result["missing"] > 0

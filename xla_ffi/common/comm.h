@@ -36,23 +36,51 @@ constexpr size_t kCountsOffset = kDoneOffset + 8ull * kMaxRanks * kMaxBlocks;  /
 constexpr size_t kPtrOffset = kCountsOffset + 4ull * kMaxRanks * kCountStride;  // u64 [R][kNumPtrs]
 // Combine pull: per epoch parity, every peer's (rows pointer, first row of my tokens there).
 constexpr size_t kPullOffset = kPtrOffset + 8ull * kMaxRanks * kNumPtrs;  // u64 [2][R][2]
-constexpr size_t kSignalBytes = (kPullOffset + 8ull * 2 * kMaxRanks * 2 + 255) / 256 * 256;
-static_assert(kSignalBytes == 329984, "keep jax_ep/buffer.py SIGNAL_BYTES in sync");
+// Low-latency mode (low_latency/): device-side generations, so that handlers stay stateless
+// and CUDA graphs can replay them. Per op (0 dispatch, 1 combine): the last generation sent,
+// the generation in flight on each buffer parity (0 = none), a block-completion counter per
+// kernel (send, receive), and, written by peers, the last generation each peer has received.
+constexpr size_t kLLOffset = kPullOffset + 8ull * 2 * kMaxRanks * 2;
+constexpr size_t kLLGenOffset = kLLOffset;                     // u64 [2]
+constexpr size_t kLLInflightOffset = kLLGenOffset + 8 * 2;     // u64 [2 ops][2 parities]
+constexpr size_t kLLDoneOffset = kLLInflightOffset + 8 * 4;    // u32 [2 ops][2 phases], u64 apart
+// Per parity: receives of one op may complete out of order (two in flight), so "consumed" is
+// kept per parity, never one running maximum.
+constexpr size_t kLLConsumedOffset = kLLDoneOffset + 8 * 4;    // u64 [2 ops][2 parities][kMaxRanks]
+constexpr size_t kSignalBytes = (kLLConsumedOffset + 8ull * 4 * kMaxRanks + 255) / 256 * 256;
+static_assert(kSignalBytes == 330752, "keep jax_ep/_ffi.py SIGNAL_BYTES in sync");
 
 // Phases named in timeout reports.
-enum Phase : int { kPhaseEntry = 1, kPhaseSent = 2, kPhaseCounts = 3, kPhaseDone = 4 };
-enum Op : int { kOpDispatch = 1, kOpCombine = 2, kOpBroadcast = 3, kOpPeerCopy = 4 };
+enum Phase : int {
+  kPhaseEntry = 1, kPhaseSent = 2, kPhaseCounts = 3, kPhaseDone = 4,
+  kPhaseFree = 5,      // low latency: waiting for a peer to receive the previous call on a parity
+  kPhaseNoSend = 6,    // misuse: a receive whose ticket is not in flight
+  kPhaseBusy = 7,      // misuse: a send onto a parity whose previous send was not received
+};
+enum Op : int {
+  kOpDispatch = 1, kOpCombine = 2, kOpBroadcast = 3, kOpPeerCopy = 4,
+  kOpLLDispatch = 5, kOpLLCombine = 6,
+};
+
+__host__ __device__ inline bool IsMisuse(int phase) {
+  return phase == kPhaseNoSend || phase == kPhaseBusy;
+}
 
 // Names in timeout reports: the kernel's printf and the host's error message.
 __host__ __device__ inline const char* PhaseName(int phase) {
   return phase == kPhaseEntry ? "entry barrier"
          : phase == kPhaseCounts ? "waiting for peer counts"
-         : phase == kPhaseDone ? "exit barrier: peer still reading" : "waiting for peer data";
+         : phase == kPhaseDone ? "exit barrier: peer still reading"
+         : phase == kPhaseFree ? "waiting for the peer to receive the previous call on this buffer"
+         : phase == kPhaseNoSend ? "receive without its send: the ticket's generation is not in flight"
+         : phase == kPhaseBusy ? "send while the previous send on this buffer parity was not received"
+         : "waiting for peer data";
 }
 
 __host__ __device__ inline const char* OpName(int op) {
   return op == kOpDispatch ? "dispatch" : op == kOpCombine ? "combine"
-         : op == kOpBroadcast ? "broadcast" : "peer copy";
+         : op == kOpBroadcast ? "broadcast" : op == kOpPeerCopy ? "peer copy"
+         : op == kOpLLDispatch ? "low-latency dispatch" : "low-latency combine";
 }
 
 struct ErrorRecord {  // host-mapped; written by a kernel that timed out

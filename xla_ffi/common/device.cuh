@@ -37,24 +37,39 @@ __device__ __forceinline__ uint64_t GlobalTimerNs() {
   return t;
 }
 
-// Spins until *flag >= epoch; on timeout reports and traps (the call then fails, never hangs).
-__device__ inline void WaitFlag(const uint64_t* flag, const CommArgs& c, int op, int phase, int peer) {
-  if (LoadAcquire(flag) >= c.epoch) return;
-  const uint64_t start = GlobalTimerNs();
-  while (LoadAcquire(flag) < c.epoch) {
-    if (GlobalTimerNs() - start > c.timeout_ns) {
-      volatile ErrorRecord* e = c.error;
-      e->op = op;
-      e->rank = c.rank;
-      e->peer = peer;
-      __threadfence_system();
-      e->code = phase;
-      __threadfence_system();
-      printf("jax_ep: rank %d timed out in %s (%s) waiting for rank %d (epoch %llu)\n", c.rank,
-             OpName(op), PhaseName(phase), peer, (unsigned long long)c.epoch);
-      __trap();
-    }
+// Records a failure (host-mapped, read by the handlers and Buffer.check), prints it and traps:
+// the call fails instead of hanging.
+__device__ inline void ReportAndTrap(const CommArgs& c, int op, int phase, int peer,
+                                     unsigned long long value) {
+  volatile ErrorRecord* e = c.error;
+  e->op = op;
+  e->rank = c.rank;
+  e->peer = peer;
+  __threadfence_system();
+  e->code = phase;
+  __threadfence_system();
+  if (IsMisuse(phase)) {
+    printf("jax_ep: rank %d, %s: %s (value %llu)\n", c.rank, OpName(op), PhaseName(phase), value);
+  } else {
+    printf("jax_ep: rank %d timed out in %s (%s) waiting for rank %d (target %llu)\n", c.rank,
+           OpName(op), PhaseName(phase), peer, value);
   }
+  __trap();
+}
+
+// Spins until *flag >= target; on timeout reports and traps.
+__device__ inline void WaitAtLeast(const uint64_t* flag, uint64_t target, const CommArgs& c, int op,
+                                   int phase, int peer) {
+  if (LoadAcquire(flag) >= target) return;
+  const uint64_t start = GlobalTimerNs();
+  while (LoadAcquire(flag) < target) {
+    if (GlobalTimerNs() - start > c.timeout_ns) ReportAndTrap(c, op, phase, peer, target);
+  }
+}
+
+// Spins until *flag >= epoch (this call's).
+__device__ inline void WaitFlag(const uint64_t* flag, const CommArgs& c, int op, int phase, int peer) {
+  WaitAtLeast(flag, c.epoch, c, op, phase, peer);
 }
 
 __device__ __forceinline__ uint64_t* PeerFlag(const CommArgs& c, int peer, size_t offset,

@@ -7,6 +7,7 @@
 #include <shared_mutex>
 
 #include "../intranode/intranode.h"
+#include "../low_latency/low_latency.h"
 #include "../layout/layout_kernels.h"
 
 namespace jax_ep {
@@ -43,6 +44,7 @@ cudaError_t PreloadKernels(int device) {
   cudaError_t err = PreloadLayoutKernels(device);
   if (err == cudaSuccess) err = cudaSetDevice(device);
   if (err == cudaSuccess) err = PreloadIntranodeKernels();
+  if (err == cudaSuccess) err = PreloadLowLatencyKernels();
   return err;
 }
 
@@ -98,7 +100,9 @@ std::unique_ptr<Workspace> Workspace::Create(const WorkspaceConfig& config,
     for (int p = 0; p < m.num_ranks; ++p) slot.peer_ws[p] = m.peer_ws[p];
     slot.epoch = std::make_unique<std::atomic<uint64_t>>(0);
     cudaSetDevice(m.device);
-    if (cudaError_t e = cudaMemset(m.base, 0, kSignalBytes + ws->flags_bytes()); e != cudaSuccess) {
+    // All of it, staging too: flags that live inside staging slots (the low-latency combine's
+    // chunk flags) must not read as raised from memory a previous workspace left behind.
+    if (cudaError_t e = cudaMemset(m.base, 0, ws->bytes_per_device()); e != cudaSuccess) {
       return fail(CudaMessage("cudaMemset", m.device, e));
     }
     if (cudaError_t e = PreloadKernels(m.device); e != cudaSuccess) {
@@ -140,17 +144,23 @@ DeviceSlot* Workspace::Device(int ordinal) {
 std::string Workspace::ErrorMessage() const {
   const volatile ErrorRecord* e = error_;
   if (e == nullptr || e->code == 0) return "";
+  if (IsMisuse(e->code)) {
+    return "jax_ep: rank " + std::to_string(e->rank) + ", " + OpName(e->op) + ": " +
+           PhaseName(e->code) +
+           " (every receive consumes the ticket of one earlier send; at most two sends of an "
+           "op may be in flight)";
+  }
   return "jax_ep: rank " + std::to_string(e->rank) + " timed out in " + OpName(e->op) + " (" +
          PhaseName(e->code) + ") waiting for rank " + std::to_string(e->peer) +
          "; every rank of the EP axis must run the same sequence of jax_ep calls";
 }
 
-CommArgs Workspace::Comm(DeviceSlot& slot, size_t slot_stride) {
+CommArgs Workspace::Comm(DeviceSlot& slot, size_t slot_stride, bool advance_epoch) {
   CommArgs c{};
   for (int p = 0; p < slot.num_ranks; ++p) c.peer_ws[p] = slot.peer_ws[p];
   c.rank = slot.rank;
   c.num_ranks = slot.num_ranks;
-  c.epoch = slot.epoch->fetch_add(1) + 1;
+  c.epoch = advance_epoch ? slot.epoch->fetch_add(1) + 1 : 0;
   c.timeout_ns = config_.timeout_ns;
   c.slots_per_rank = config_.slots_per_rank;
   c.slot_stride = slot_stride;

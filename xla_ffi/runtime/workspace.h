@@ -50,7 +50,9 @@ class Workspace {
   size_t flags_bytes() const;  // arrival flags [R][slots_per_rank] u64, after the signal area
   // "" when no kernel reported a timeout, else the report.
   std::string ErrorMessage() const;
-  CommArgs Comm(DeviceSlot& slot, size_t slot_stride);
+  // advance_epoch = false: the low-latency kernels keep their generations on the device (a
+  // handler replayed from a CUDA graph runs without its host code).
+  CommArgs Comm(DeviceSlot& slot, size_t slot_stride, bool advance_epoch = true);
 
  private:
   Workspace(WorkspaceConfig config, std::unique_ptr<PeerMapping> mapping)
