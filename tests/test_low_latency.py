@@ -13,6 +13,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 import pytest
 from jax.sharding import Mesh
@@ -152,8 +153,11 @@ def test_ll_back_to_back_and_two_in_flight(rng):
 
         def body(xs, idx, w):
             def step(carry, xi):
-                return carry, jnp.stack(pair(xi[0], xi[1], idx, w, False)
-                                        + pair(xi[2], xi[3], idx, w, True))
+                first = pair(xi[0], xi[1], idx, w, False)
+                # XLA orders side-effecting calls only by data: the second pair's sends wait
+                # for the first pair's receives (else a third send could find a busy parity)
+                x2, x3, _ = lax.optimization_barrier((xi[2], xi[3], first))
+                return carry, jnp.stack(first + pair(x2, x3, idx, w, True))
             _, out = jax.lax.scan(step, 0, xs)
             return out[None]
 
