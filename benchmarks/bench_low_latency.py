@@ -86,6 +86,7 @@ class LLRow:
         self.row_bytes = hidden + hidden // 128 * 4 if fp8 else 2 * hidden
         self.combine_row_bytes = 2 * hidden
         self.per_expert = True  # one row per (token, expert) pair
+        self.pure = backend != "cuda"  # backend "cuda": side-effecting custom calls
 
     def dispatch(self, x, idx, w):
         kw = dict(num_experts=self.E, use_fp8=self.fp8)
@@ -115,6 +116,7 @@ class PairRow:
     """Rows with one row per (token, destination rank) pair, from bench_dispatch."""
 
     per_expert = False
+    pure = True
 
     def __init__(self, inner, hidden):
         self.inner, self.buf = inner, getattr(inner, "buf", None)
@@ -132,7 +134,7 @@ class PairRow:
 
 
 # ------------------------------------------------------------------------------ programs
-def chain(op, n):
+def chain(op, n, pure=True):
     """op(*args) n times in a row. Call i+1's args pass through an optimization_barrier with
     call i's outputs (the order, no work), and every float/int arg gets a zero that XLA cannot
     fold taken from call i's output (bench_dispatch._zero_from): pure ops (all_to_all, the
@@ -149,7 +151,8 @@ def chain(op, n):
         for _ in range(n - 1):
             args, _ = lax.optimization_barrier((args, outs[-1]))
             z = bd._zero_from(jax.tree.leaves(outs[-1])[0])
-            args = jax.tree.map(lambda a: perturb(a, z), args)
+            if pure:  # side-effecting calls (LL) are never merged or dropped: no copies
+                args = jax.tree.map(lambda a: perturb(a, z), args)
             outs.append(op(*args))
         return outs
 
@@ -211,8 +214,7 @@ def time_row(row, mesh, args, x, idx, w, res):
     for op, fn, a in [("dispatch", row.dispatch, (x, idx, w)), ("combine", row.combine, (y, h))]:
         once = jit_shard(fn, mesh)
         wall = bd.sample_times(once, a, args.iters, args.warmup)
-        short, long = jit_shard(chain(fn, args.inner), mesh), jit_shard(chain(fn, 2 * args.inner),
-                                                                         mesh)
+        short, long = (jit_shard(chain(fn, k, row.pure), mesh) for k in (args.inner, 2 * args.inner))
         text = short.lower(*a).compile().as_text()
         dev = bd.sample_slope(short, long, a, args.inner, args.iters, args.warmup)
         p10, p50, p90 = np.percentile(dev, [10, 50, 90])

@@ -349,6 +349,9 @@ def test_cuda_workspace_limits_checked_at_trace_time():
     buf = jax_ep.Buffer(make_mesh(2), "ep", backend="xla")
     buf.check_fits(10**6, 10**6, 99)  # the reference backend has no workspace limits
     buf.backend, buf.max_tokens_per_rank, buf.hidden, buf.num_topk = "cuda", 64, 128, 4
+    with pytest.raises(ValueError, match="only a low-latency workspace"):
+        buf.check_fits(1, 1, 1)  # no workspace for the normal ops (ll_max_tokens_per_rank only)
+    buf.workspace_id = 1  # as if it had one
     buf.check_fits(64, 128, 4)
     for too_big in [(65, 128, 4), (64, 129, 4), (64, 128, 5)]:
         with pytest.raises(ValueError, match="max_tokens_per_rank=64, hidden=128, num_topk=4"):
