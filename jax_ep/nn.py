@@ -393,14 +393,8 @@ class MoE(nnx.Module):
                            self.num_shared_experts > 0, bool(return_aux))
         kernel, bias, wg, wu, wd, sg, su, sd = self._weights()
         ax = self.buffer.axis_name
-        args, specs = [x.reshape(n, self.hidden), kernel, wg, wu, wd], [P(ax), P(), P(ax),
-                                                                         P(ax), P(ax)]
-        if cfg.has_bias:
-            args.append(bias)
-            specs.append(P())
-        if cfg.has_shared:
-            args += [sg, su, sd]
-            specs += [P(), P(), P()]
+        args, specs = _layer_args(ax, x.reshape(n, self.hidden), kernel, wg, wu, wd,
+                                  bias if cfg.has_bias else None, (sg, su, sd) if cfg.has_shared else None)
         fn = _sharded_moe(cfg, self.buffer, tuple(specs))
         if not return_aux:
             return fn(*args).reshape(x.shape)
@@ -455,15 +449,23 @@ class MoE(nnx.Module):
         xf = x.reshape(n, self.hidden)
         if r * t_local != n:
             xf = jnp.pad(xf, ((0, r * t_local - n), (0, 0)))
-        args, specs = [xf, kernel, wg, wu, wd], [P(ax), P(), P(ax), P(ax), P(ax)]
-        if cfg.has_bias:
-            args.append(bias)
-            specs.append(P())
-        if cfg.has_shared:
-            args += [sg, su, sd]
-            specs += [P(), P(), P()]
+        args, specs = _layer_args(ax, xf, kernel, wg, wu, wd, bias if cfg.has_bias else None,
+                                  (sg, su, sd) if cfg.has_shared else None)
         y = _sharded_decode(cfg, buffer, tuple(specs))(*args)
         return y[:n].reshape(x.shape)
+
+
+def _layer_args(ax, x, kernel, wg, wu, wd, bias, shared):
+    """Arguments of a layer's shard_map and their specs: tokens and routed experts sharded over
+    the EP axis, router (and bias, shared experts, when present) replicated."""
+    args, specs = [x, kernel, wg, wu, wd], [P(ax), P(), P(ax), P(ax), P(ax)]
+    if bias is not None:
+        args.append(bias)
+        specs.append(P())
+    if shared is not None:
+        args += list(shared)
+        specs += [P()] * len(shared)
+    return args, specs
 
 
 @functools.lru_cache(maxsize=64)
