@@ -48,6 +48,8 @@ GRAPH_FLAGS = "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_grap
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # never NVLink multicast on the shared GPU hosts
 os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+# The graph-mode child runs beside this process on the same GPU: take memory as needed.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 if "--mode=graph" in sys.argv:  # before jax starts: XLA reads its flags once
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + GRAPH_FLAGS).strip()
 

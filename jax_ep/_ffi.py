@@ -17,6 +17,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
+from jaxlib import xla_client  # CustomCallTargetTraits: jax.ffi has no public alias
 
 _EXT_NAME = f"{__package__}._jax_ep_cuda"
 _ext = None
@@ -47,8 +48,12 @@ LAYOUT_MAX_EXPERTS = 1024  # xla_ffi/layout_kernels.h kLayoutMaxExperts
 LAYOUT_MAX_RANKS = 64      # xla_ffi/layout_kernels.h kLayoutMaxRanks
 
 if _ext is not None:
+    _graph_safe = set(getattr(_ext, "command_buffer_targets", list)())
     for _name, _capsule in _ext.registrations().items():
-        jax.ffi.register_ffi_target(_name, _capsule, platform="CUDA")
+        # XLA takes a handler into a CUDA graph only if it was registered with this trait.
+        _traits = ({"traits": xla_client.CustomCallTargetTraits.COMMAND_BUFFER_COMPATIBLE}
+                   if _name in _graph_safe else {})
+        jax.ffi.register_ffi_target(_name, _capsule, platform="CUDA", **_traits)
 
 
 def extension():

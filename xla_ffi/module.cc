@@ -38,6 +38,17 @@ NB_MODULE(_jax_ep_cuda, m) {
       "dict {FFI target name: PyCapsule of its handler}, for jax.ffi.register_ffi_target.");
 
   m.def(
+      "command_buffer_targets",
+      [] {
+        // Handlers declared kCmdBufferCompatible (stateless per call: low-latency ops). The trait
+        // in XLA_FFI_DEFINE_HANDLER does not travel with a capsule: registration passes it.
+        return std::vector<std::string>{"jax_ep_ll_dispatch_send", "jax_ep_ll_dispatch_recv",
+                                        "jax_ep_ll_combine_send",  "jax_ep_ll_combine_recv",
+                                        "jax_ep_ll_dispatch",      "jax_ep_ll_combine"};
+      },
+      "FFI targets XLA may record into CUDA graphs (command buffers).");
+
+  m.def(
       "preload",
       [](int device) {
         const cudaError_t err = jax_ep::PreloadKernels(device);

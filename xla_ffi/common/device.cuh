@@ -31,6 +31,31 @@ __device__ __forceinline__ uint64_t LoadAcquire(const uint64_t* p) {
   return v;
 }
 
+// GPU-scope variants: enough when writer and reader run on the same GPU (a rank's own slots),
+// and cheaper than system scope (which peer GPUs need).
+__device__ __forceinline__ void StoreReleaseGpu(uint64_t* p, uint64_t v) {
+  asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ uint64_t LoadAcquireGpu(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// Release / acquire at the scope the peer needs: GPU scope for this rank itself.
+__device__ __forceinline__ void StoreReleaseTo(uint64_t* p, uint64_t v, bool local) {
+  if (local) {
+    StoreReleaseGpu(p, v);
+  } else {
+    StoreRelease(p, v);
+  }
+}
+
+__device__ __forceinline__ uint64_t LoadAcquireFrom(const uint64_t* p, bool local) {
+  return local ? LoadAcquireGpu(p) : LoadAcquire(p);
+}
+
 __device__ __forceinline__ uint64_t GlobalTimerNs() {
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -57,14 +82,17 @@ __device__ inline void ReportAndTrap(const CommArgs& c, int op, int phase, int p
   __trap();
 }
 
-// Spins until *flag >= target; on timeout reports and traps.
-__device__ inline void WaitAtLeast(const uint64_t* flag, uint64_t target, const CommArgs& c, int op,
-                                   int phase, int peer) {
-  if (LoadAcquire(flag) >= target) return;
+// Spins until *flag >= target and returns the value seen; on timeout reports and traps. local:
+// the writer runs on this GPU (GPU-scope acquire).
+__device__ inline uint64_t WaitAtLeast(const uint64_t* flag, uint64_t target, const CommArgs& c,
+                                       int op, int phase, int peer, bool local = false) {
+  uint64_t v = LoadAcquireFrom(flag, local);
+  if (v >= target) return v;
   const uint64_t start = GlobalTimerNs();
-  while (LoadAcquire(flag) < target) {
+  while ((v = LoadAcquireFrom(flag, local)) < target) {
     if (GlobalTimerNs() - start > c.timeout_ns) ReportAndTrap(c, op, phase, peer, target);
   }
+  return v;
 }
 
 // Spins until *flag >= epoch (this call's).

@@ -48,11 +48,12 @@ __device__ __forceinline__ unsigned FailedBits(const int32_t* failed, int num_ra
 }
 
 // True in every thread of the block that finishes last (its counter is reset for the next call).
+// No fence: what the last block then publishes depends only on the blocks' reads of the staging
+// (complete: their values were used) and on kernel-boundary order (the outputs, Gen, Inflight).
 __device__ inline bool LastBlock(unsigned* counter) {
   __shared__ bool s_last;
   __syncthreads();  // the block's work precedes its arrival
   if (threadIdx.x == 0) {
-    __threadfence();
     s_last = atomicAdd(counter, 1u) == gridDim.x - 1;
     if (s_last) atomicExch(counter, 0u);
   }
@@ -60,11 +61,13 @@ __device__ inline bool LastBlock(unsigned* counter) {
   return s_last;
 }
 
-// The receive of (g, parity) must find g in flight there.
-__device__ inline void CheckTicket(const CommArgs& c, int op, int op_code, const int32_t* ticket,
-                                   uint64_t* g_out, int* parity_out) {
-  const uint64_t g = uint64_t(uint32_t(ticket[0]));
-  const int parity = ticket[1];
+// The receive of `ticket` (g, parity): every thread reads it; thread 0 checks that g is in
+// flight on its parity (else traps: a receive without its send). No barrier: warps may start
+// polling at once, a wrong ticket traps the whole grid.
+__device__ inline void ReadTicket(const CommArgs& c, int op, int op_code, const int32_t* ticket,
+                                  uint64_t* g_out, int* parity_out) {
+  const uint64_t g = uint64_t(uint32_t(__ldg(ticket)));
+  const int parity = __ldg(ticket + 1);
   if (threadIdx.x == 0) {
     const uint64_t inflight = parity == int(g & 1) ? *reinterpret_cast<volatile uint64_t*>(
                                                          Inflight(c.peer_ws[c.rank], op, parity))
@@ -75,20 +78,37 @@ __device__ inline void CheckTicket(const CommArgs& c, int op, int op_code, const
   *parity_out = parity;
 }
 
-// A send takes the next generation; its parity must be free.
-__device__ inline uint64_t BeginSend(const CommArgs& c, int op, int op_code, unsigned failed) {
+// A send takes the next generation g (every thread reads it); block 0 thread 0 checks parity
+// g & 1 is not in flight here (a third send in flight is misuse), and thread/lane d < R waits
+// until live peer d has received generation g - 2, i.e. parity g & 1 of d's staging is free.
+// All the words are read at once (both parities), the right one picked after: one round trip
+// when nothing is awaited. The caller syncs its block (or warp) before storing to the staging.
+__device__ inline uint64_t BeginSend(const CommArgs& c, int op, int op_code, unsigned failed,
+                                     int d) {
   uint8_t* ws = c.peer_ws[c.rank];
-  const uint64_t g = *reinterpret_cast<volatile uint64_t*>(Gen(ws, op)) + 1;
-  if (blockIdx.x == 0 && threadIdx.x == 0) {
-    const uint64_t busy = *reinterpret_cast<volatile uint64_t*>(Inflight(ws, op, int(g & 1)));
-    if (busy != 0) ReportAndTrap(c, op_code, kPhaseBusy, c.rank, busy);
+  const bool check = blockIdx.x == 0 && threadIdx.x == 0;
+  const bool waits = d < c.num_ranks && !((failed >> d) & 1);
+  const uint64_t* consumed0 = waits ? Consumed(ws, op, 0, d) : nullptr;
+  const uint64_t* consumed1 = waits ? Consumed(ws, op, 1, d) : nullptr;
+  const uint64_t last = *reinterpret_cast<volatile uint64_t*>(Gen(ws, op));
+  const uint64_t busy0 = check ? *reinterpret_cast<volatile uint64_t*>(Inflight(ws, op, 0)) : 0;
+  const uint64_t busy1 = check ? *reinterpret_cast<volatile uint64_t*>(Inflight(ws, op, 1)) : 0;
+  const uint64_t seen0 = waits ? *reinterpret_cast<const volatile uint64_t*>(consumed0) : 0;
+  const uint64_t seen1 = waits ? *reinterpret_cast<const volatile uint64_t*>(consumed1) : 0;
+  const uint64_t g = last + 1;
+  const int parity = int(g & 1);
+  if (check && (parity ? busy1 : busy0) != 0) {
+    ReportAndTrap(c, op_code, kPhaseBusy, c.rank, parity ? busy1 : busy0);
   }
-  // Parity g & 1 of every live peer is free once that peer has received generation g - 2.
-  const int d = threadIdx.x;
-  if (d < c.num_ranks && !((failed >> d) & 1) && g > 2) {
-    WaitAtLeast(Consumed(ws, op, int(g & 1), d), g - 2, c, op_code, kPhaseFree, d);
+  if (waits && g > 2) {
+    if ((parity ? seen1 : seen0) < g - 2) {
+      WaitAtLeast(parity ? consumed1 : consumed0, g - 2, c, op_code, kPhaseFree, d, d == c.rank);
+    } else if (d == c.rank) {  // acquire what the relaxed read saw: the peer's reads of the
+      asm volatile("fence.acq_rel.gpu;" ::: "memory");  // staging precede our stores
+    } else {
+      asm volatile("fence.acq_rel.sys;" ::: "memory");
+    }
   }
-  __syncthreads();
   return g;
 }
 
@@ -102,44 +122,26 @@ __device__ inline void EndSend(const CommArgs& c, int op, uint64_t g) {
 }
 
 // Last block of a receive: parity free here, and every live peer learns it may reuse it.
+// kFused: send and receive in one kernel (g never went in flight; the generation advances here,
+// after every block has read it).
+template <bool kFused>
 __device__ inline void EndRecv(const CommArgs& c, int op, uint64_t g, unsigned failed) {
   if (!LastBlock(Done(c.peer_ws[c.rank], op, kRecv))) return;
+  uint8_t* ws = c.peer_ws[c.rank];
   if (threadIdx.x == 0) {
-    *reinterpret_cast<volatile uint64_t*>(Inflight(c.peer_ws[c.rank], op, int(g & 1))) = 0;
+    if (kFused) {
+      *reinterpret_cast<volatile uint64_t*>(Gen(ws, op)) = g;
+    } else {
+      *reinterpret_cast<volatile uint64_t*>(Inflight(ws, op, int(g & 1))) = 0;
+    }
   }
   const int s = threadIdx.x;
   if (s < c.num_ranks && !((failed >> s) & 1)) {
-    __threadfence_system();  // every block's reads of the staging precede (LastBlock's fences)
-    StoreRelease(Consumed(c.peer_ws[s], op, int(g & 1), c.rank), g);
+    StoreReleaseTo(Consumed(c.peer_ws[s], op, int(g & 1), c.rank), g, s == c.rank);
   }
 }
 
 // ------------------------------------------------------------------ dispatch send
-
-// Block 0: per destination, the counts of its local experts among this rank's entries.
-__device__ void SendHeader(const CommArgs& c, const LLDispatchSendArgs& a, int parity, uint64_t g,
-                           unsigned sendable, int* s_hist) {
-  const int num_local = a.num_experts / c.num_ranks;
-  for (int e = threadIdx.x; e < a.num_experts; e += blockDim.x) s_hist[e] = 0;
-  __syncthreads();
-  for (int i = threadIdx.x; i < a.num_tokens * a.num_topk; i += blockDim.x) {
-    const int e = a.topk_idx[i];
-    if (e >= 0 && e < a.num_experts) atomicAdd(&s_hist[e], 1);
-  }
-  __syncthreads();
-  for (int q = threadIdx.x; q < c.num_ranks * num_local; q += blockDim.x) {
-    const int d = q / num_local, j = q % num_local;
-    if ((sendable >> d) & 1) {
-      reinterpret_cast<int*>(Slot(c, d, c.rank, HeaderSlot(parity, a.max_tokens)))[j] = s_hist[q];
-    }
-  }
-  __syncthreads();
-  const int d = threadIdx.x;
-  if (d < c.num_ranks && ((sendable >> d) & 1)) {
-    __threadfence_system();
-    StoreRelease(SlotFlag(c, d, c.rank, HeaderSlot(parity, a.max_tokens)), (g << 1) | 1);
-  }
-}
 
 // 8 bfloat16 -> float.
 __device__ __forceinline__ void Unpack8(const int4& raw, float (&f)[8]) {
@@ -151,24 +153,98 @@ __device__ __forceinline__ void Unpack8(const int4& raw, float (&f)[8]) {
   }
 }
 
+// What a block loads of its first token before it may send (issued before the waits of the
+// send, so their latencies overlap): this thread's first kSendPre 16-byte pieces of the row
+// (see RowPiece) and entries of topk_idx for the positions (see EntryPositions).
+constexpr int kSendPre = 2;
+struct SendPrefetch {
+  int4 row[kSendPre];
+  int entry[kSendPre];  // topk_idx[k * kThreads + thread] (block 0: all T * K, for the header)
+  int own_idx;          // thread < K: entry thread of the token, and its weight
+  float own_weight;
+};
+
+// The k-th 16-byte piece of a row this thread handles, or -1: FP8, half-warps take 128-channel
+// groups (16 pieces each); bfloat16, the block strides over the row.
+template <bool kFp8>
+__device__ __forceinline__ int RowPiece(int k, int hidden) {
+  if constexpr (kFp8) {
+    const int tid = int(threadIdx.x);
+    const int grp = tid / 32 * 2 + tid % 32 / 16 + k * kWarps * 2;
+    return grp < hidden / 128 ? grp * 16 + tid % 16 : -1;
+  } else {
+    const int i = int(threadIdx.x) + k * kThreads;
+    return i < hidden / 8 ? i : -1;
+  }
+}
+
+template <bool kFp8>
+__device__ __forceinline__ SendPrefetch PrefetchSend(const LLDispatchSendArgs& a, int t) {
+  SendPrefetch p;
+  const bool has = t < a.num_tokens;
+  const int4* row = reinterpret_cast<const int4*>(a.x + size_t(t) * a.hidden);
+  const int end = blockIdx.x == 0 ? a.num_tokens * a.num_topk : has ? (t + 1) * a.num_topk : 0;
+#pragma unroll
+  for (int k = 0; k < kSendPre; ++k) {
+    const int piece = has ? RowPiece<kFp8>(k, a.hidden) : -1;
+    p.row[k] = piece >= 0 ? __ldg(row + piece) : make_int4(0, 0, 0, 0);
+    const int i = k * kThreads + int(threadIdx.x);
+    p.entry[k] = i < end ? __ldg(a.topk_idx + i) : -1;
+  }
+  const bool own = has && int(threadIdx.x) < a.num_topk;
+  p.own_idx = own ? __ldg(a.topk_idx + t * a.num_topk + threadIdx.x) : -1;
+  p.own_weight = own ? __ldg(a.topk_weights + t * a.num_topk + threadIdx.x) : 0.f;
+  return p;
+}
+
+// Block 0: per destination, the counts of its local experts among this rank's entries.
+__device__ void SendHeader(const CommArgs& c, const LLDispatchSendArgs& a, int parity, uint64_t g,
+                           unsigned sendable, const SendPrefetch& pre, int* s_hist) {
+  const int num_local = a.num_experts / c.num_ranks;
+  for (int e = threadIdx.x; e < a.num_experts; e += blockDim.x) s_hist[e] = 0;
+  __syncthreads();
+  for (int i = threadIdx.x, k = 0; i < a.num_tokens * a.num_topk; i += blockDim.x, ++k) {
+    const int e = k < kSendPre ? (k == 0 ? pre.entry[0] : pre.entry[kSendPre - 1]) : a.topk_idx[i];
+    if (e >= 0 && e < a.num_experts) atomicAdd(&s_hist[e], 1);
+  }
+  __syncthreads();
+  for (int q = threadIdx.x; q < c.num_ranks * num_local; q += blockDim.x) {
+    const int d = q / num_local, j = q % num_local;
+    if ((sendable >> d) & 1) {
+      reinterpret_cast<int*>(Slot(c, d, c.rank, HeaderSlot(parity, a.max_tokens)))[j] = s_hist[q];
+    }
+  }
+  __syncthreads();  // the block's stores precede the release (cumulativity)
+  const int d = threadIdx.x;
+  if (d < c.num_ranks && ((sendable >> d) & 1)) {
+    StoreReleaseTo(SlotFlag(c, d, c.rank, HeaderSlot(parity, a.max_tokens)), (g << 1) | 1,
+                   d == c.rank);
+  }
+}
+
 // Row t of x to every destination in `sent`: FP8 (a half-warp per 128-channel group: amax,
-// scale, e4m3 with saturation) or the bfloat16 row as is.
+// scale, e4m3 with saturation) or the bfloat16 row as is. pre: the block's prefetch, or null.
 template <bool kFp8>
 __device__ void SendRow(const CommArgs& c, const LLDispatchSendArgs& a, int t, unsigned sent,
-                        int slot) {
+                        int slot, const SendPrefetch* pre) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const size_t meta = LLMetaBytes(a.num_topk);
   const int4* row = reinterpret_cast<const int4*>(a.x + size_t(t) * a.hidden);
+  auto piece_at = [&](int k, int piece) {
+    if (pre != nullptr && k < kSendPre) return k == 0 ? pre->row[0] : pre->row[kSendPre - 1];
+    return piece >= 0 ? __ldg(row + piece) : make_int4(0, 0, 0, 0);
+  };
   if constexpr (kFp8) {
     const int num_groups = a.hidden / 128, half = lane / 16, sub = lane % 16;
     const size_t scales_at = meta + Align16(size_t(a.hidden));
-    for (int g0 = warp * 2; g0 < num_groups; g0 += kWarps * 2) {  // warp-uniform
-      const int grp = g0 + half;
+    for (int k = 0; warp * 2 + k * kWarps * 2 < num_groups; ++k) {  // warp-uniform
+      const int grp = warp * 2 + k * kWarps * 2 + half;
       const bool active = grp < num_groups;
+      const int4 raw = piece_at(k, active ? grp * 16 + sub : -1);
       float f[8];
       float amax = 0.f;
       if (active) {
-        Unpack8(__ldg(row + grp * 16 + sub), f);
+        Unpack8(raw, f);
 #pragma unroll
         for (int u = 0; u < 8; ++u) amax = fmaxf(amax, fabsf(f[u]));
       }
@@ -192,8 +268,10 @@ __device__ void SendRow(const CommArgs& c, const LLDispatchSendArgs& a, int t, u
       }
     }
   } else {
-    for (int i = threadIdx.x; i < a.hidden / 8; i += blockDim.x) {
-      const int4 v = __ldg(row + i);
+    for (int k = 0; k * kThreads < a.hidden / 8; ++k) {
+      const int i = int(threadIdx.x) + k * kThreads;
+      const int4 v = piece_at(k, i < a.hidden / 8 ? i : -1);
+      if (i >= a.hidden / 8) continue;
       for (unsigned m = sent; m; m &= m - 1) {
         reinterpret_cast<int4*>(Slot(c, __ffs(m) - 1, c.rank, slot) + meta)[i] = v;
       }
@@ -203,37 +281,40 @@ __device__ void SendRow(const CommArgs& c, const LLDispatchSendArgs& a, int t, u
 
 // A block per token (grid-stride): the rank of each entry among this rank's entries of its
 // expert (counted over the entries before it), the destination ranks, then metadata and row to
-// each of them, then every live destination's arrival flag (absent tokens too).
+// each of them, then every live destination's arrival flag (absent tokens too). Block 0 first
+// sends the header. The caller has waited until parity g & 1 is free at every live peer.
 template <bool kFp8>
-__global__ void __launch_bounds__(kThreads, 1) LLDispatchSendKernel(CommArgs c, LLDispatchSendArgs a) {
-  __shared__ int s_hist[kMaxExperts];
+__device__ void DispatchSendPart(const CommArgs& c, const LLDispatchSendArgs& a, uint64_t g,
+                                 unsigned failed, const SendPrefetch& pre, int* s_hist) {
   __shared__ int s_idx[kMaxTopk], s_pos[kMaxTopk];
+  __shared__ float s_weight[kMaxTopk];
   __shared__ unsigned s_dests;
   const int lane = threadIdx.x % 32, num_topk = a.num_topk, num_ranks = c.num_ranks;
   const int num_local = a.num_experts / num_ranks;
-  const unsigned failed = FailedBits(a.failed, num_ranks, c.rank);
   const unsigned live = ((1u << num_ranks) - 1) & ~failed;
-  const uint64_t g = BeginSend(c, kOpD, kOpLLDispatch, failed);
   const int parity = int(g & 1);
-  if (blockIdx.x == 0 && threadIdx.x == 0) a.ticket[0] = int32_t(g), a.ticket[1] = parity;
-  if (blockIdx.x == 0) SendHeader(c, a, parity, g, live, s_hist);
+  if (blockIdx.x == 0) SendHeader(c, a, parity, g, live, pre, s_hist);
 
   for (int t = blockIdx.x; t < a.num_tokens; t += gridDim.x) {
+    const bool first = t == int(blockIdx.x);
     __syncthreads();  // the previous token's shared state is no longer read
     if (threadIdx.x < num_topk) {
-      const int e = a.topk_idx[t * num_topk + threadIdx.x];
+      const int e = first ? pre.own_idx : a.topk_idx[t * num_topk + threadIdx.x];
       s_idx[threadIdx.x] = e >= 0 && e < a.num_experts ? e : -1;
+      s_weight[threadIdx.x] = first ? pre.own_weight : a.topk_weights[t * num_topk + threadIdx.x];
       s_pos[threadIdx.x] = 0;
     }
     if (threadIdx.x == 0) s_dests = 0;
     __syncthreads();
-    const int first = t * num_topk, end = first + num_topk;
-    for (int base = 0; base < end; base += blockDim.x) {  // block-uniform: ballots below
+    const int first_entry = t * num_topk, end = first_entry + num_topk;
+    for (int base = 0, k = 0; base < end; base += blockDim.x, ++k) {  // block-uniform
       const int i = base + threadIdx.x;
-      const int e = i < end ? a.topk_idx[i] : -1;
-      for (int k = 0; k < num_topk; ++k) {
-        const unsigned m = __ballot_sync(kFull, e >= 0 && e == s_idx[k] && i < first + k);
-        if (lane == 0 && m) atomicAdd(&s_pos[k], __popc(m));
+      const int e = i >= end                  ? -1
+                    : first && k < kSendPre ? (k == 0 ? pre.entry[0] : pre.entry[kSendPre - 1])
+                                            : a.topk_idx[i];
+      for (int j = 0; j < num_topk; ++j) {
+        const unsigned m = __ballot_sync(kFull, e >= 0 && e == s_idx[j] && i < first_entry + j);
+        if (lane == 0 && m) atomicAdd(&s_pos[j], __popc(m));
       }
     }
     if (threadIdx.x < num_topk && s_idx[threadIdx.x] >= 0) {
@@ -249,46 +330,144 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchSendKernel(CommArgs c, 
       uint8_t* meta = Slot(c, d, c.rank, slot);
       reinterpret_cast<int*>(meta)[k] = s_idx[k];
       reinterpret_cast<int*>(meta)[num_topk + k] = s_pos[k];
-      reinterpret_cast<float*>(meta)[2 * num_topk + k] = a.topk_weights[t * num_topk + k];
+      reinterpret_cast<float*>(meta)[2 * num_topk + k] = s_weight[k];
     }
-    SendRow<kFp8>(c, a, t, sent, slot);
-    __syncthreads();
+    SendRow<kFp8>(c, a, t, sent, slot, first ? &pre : nullptr);
+    __syncthreads();  // the block's stores precede the release (cumulativity)
     const int d = threadIdx.x;
     if (d < num_ranks && ((live >> d) & 1)) {
-      __threadfence_system();
-      StoreRelease(SlotFlag(c, d, c.rank, slot), (g << 1) | ((sent >> d) & 1));
+      StoreReleaseTo(SlotFlag(c, d, c.rank, slot), (g << 1) | ((sent >> d) & 1), d == c.rank);
     }
   }
-  EndSend(c, kOpD, g);
 }
 
 // ------------------------------------------------------------------ dispatch receive
 
-// Every block: the sources' headers -> begin(s, j) (rows of sources < s) and totals. Block 0
-// writes the counts, ranges and drops; all blocks fill recv_src past the counts with -1. Then
-// warp tasks (source, token, 2 KB chunk): wait for the slot, place its rows (one per local
-// expert of the token) and, with chunk 0, the scales, recv_src and the combine handle.
-__global__ void __launch_bounds__(kThreads, 1) LLDispatchRecvKernel(CommArgs c, LLDispatchRecvArgs a) {
-  __shared__ int s_begin[kMaxExperts];  // [R][L]
-  __shared__ int s_count[kMaxExperts];  // [R][L]
-  __shared__ int s_total[kMaxLocalExperts];
-  __shared__ int s_dropped;
-  const int lane = threadIdx.x % 32, num_ranks = c.num_ranks, me = c.rank;
-  const int num_topk = a.num_topk, num_tokens = a.num_tokens, m_tok = a.max_tokens;
-  const int num_local = a.num_experts / num_ranks, cap = num_ranks * m_tok;
-  const unsigned failed = FailedBits(a.failed, num_ranks, c.rank);
-  uint64_t g;
-  int parity;
-  CheckTicket(c, kOpD, kOpLLDispatch, a.ticket, &g, &parity);
-  const int hdr = HeaderSlot(parity, m_tok);
-  if (threadIdx.x < num_ranks && !((failed >> threadIdx.x) & 1)) {
-    WaitAtLeast(SlotFlag(c, me, threadIdx.x, hdr), g << 1, c, kOpLLDispatch, kPhaseCounts,
-                threadIdx.x);
+// One warp task of the receive: (source, token, 2 KB chunk of the row). Loaded (flag awaited,
+// metadata, the chunk, with chunk 0 the first scales) before the header is known, placed after.
+constexpr int kChunkPieces = kRecvChunkBytes / 16 / 32;  // 16-byte pieces per lane
+constexpr int kScalesPre = 2;                            // scales per lane loaded with chunk 0
+struct RecvTask {
+  int s, t, chunk;
+  bool present;
+  int expert, pos;  // lanes < K
+  float weight;
+  int4 data[kChunkPieces];
+  float scale[kScalesPre];
+};
+
+__device__ __forceinline__ void LoadRecvTask(const CommArgs& c, const LLDispatchRecvArgs& a,
+                                             uint64_t g, int parity, unsigned failed, int q,
+                                             int num_chunks, RecvTask& k) {
+  const int lane = threadIdx.x % 32;
+  k.s = q / (a.num_tokens * num_chunks), k.t = q / num_chunks % a.num_tokens;
+  k.chunk = q % num_chunks;
+  k.present = false;
+  const uint8_t* slot = Slot(c, c.rank, k.s, DispatchSlot(parity, a.max_tokens, k.t));
+  if (!((failed >> k.s) & 1)) {
+    uint64_t flag = 0;
+    if (lane == 0) {
+      const uint64_t* f = SlotFlag(c, c.rank, k.s, DispatchSlot(parity, a.max_tokens, k.t));
+      flag = WaitAtLeast(f, g << 1, c, kOpLLDispatch, kPhaseSent, k.s, k.s == c.rank);
+    }
+    k.present = __shfl_sync(kFull, flag & 1, 0) != 0;
   }
+  if (!k.present) return;
+  if (lane < a.num_topk) {
+    k.expert = LoadStaged<int>(slot, lane);
+    k.pos = LoadStaged<int>(slot, a.num_topk + lane);
+    k.weight = LoadStaged<float>(slot, 2 * a.num_topk + lane);
+  }
+  const size_t row_bytes = LLRowBytes(a.hidden, a.use_fp8), off = size_t(k.chunk) * kRecvChunkBytes;
+  const int n = int(min(size_t(kRecvChunkBytes), row_bytes - off) / 16);
+  const int4* src = reinterpret_cast<const int4*>(slot + LLMetaBytes(a.num_topk) + off);
+#pragma unroll
+  for (int u = 0; u < kChunkPieces; ++u) {
+    if (u * 32 + lane < n) k.data[u] = __ldcg(src + u * 32 + lane);
+  }
+  if (k.chunk == 0 && a.use_fp8) {
+    const float* scales =
+        reinterpret_cast<const float*>(slot + LLMetaBytes(a.num_topk) + Align16(row_bytes));
+#pragma unroll
+    for (int u = 0; u < kScalesPre; ++u) {
+      if (u * 32 + lane < a.hidden / 128) k.scale[u] = __ldcg(scales + u * 32 + lane);
+    }
+  }
+}
+
+// Places a loaded task: one row per local expert of the token (-2 past the capacity), with
+// chunk 0 the scales, recv_src and the combine handle.
+__device__ __forceinline__ void PlaceRecvTask(const CommArgs& c, const LLDispatchRecvArgs& a,
+                                              int parity, int num_chunks, const int* s_begin,
+                                              const RecvTask& k) {
+  const int lane = threadIdx.x % 32, num_topk = a.num_topk, me = c.rank;
+  const int num_local = a.num_experts / c.num_ranks, cap = c.num_ranks * a.max_tokens;
+  int row = -1;
+  bool mine = false;
+  if (k.present && lane < num_topk) {
+    const int local = k.expert - me * num_local;
+    mine = k.expert >= 0 && local >= 0 && local < num_local;
+    if (mine) {
+      const int r = s_begin[k.s * num_local + local] + k.pos;
+      row = r < cap ? local * cap + r : -2;
+    }
+  }
+  const size_t entry = (size_t(k.s) * a.num_tokens + k.t) * num_topk;
+  if (k.chunk == 0 && lane < num_topk) {
+    a.slot_rows[entry + lane] = mine ? row : -1;
+    a.slot_weights[entry + lane] = mine ? k.weight : 0.f;
+  }
+  const unsigned rows = __ballot_sync(kFull, row >= 0);
+  if (rows == 0) return;
+  const size_t row_bytes = LLRowBytes(a.hidden, a.use_fp8), off = size_t(k.chunk) * kRecvChunkBytes;
+  const int n = int(min(size_t(kRecvChunkBytes), row_bytes - off) / 16);
+  const int num_scales = a.use_fp8 ? a.hidden / 128 : 0;
+  const float* scales = reinterpret_cast<const float*>(
+      Slot(c, me, k.s, DispatchSlot(parity, a.max_tokens, k.t)) + LLMetaBytes(num_topk) +
+      Align16(row_bytes));
+  for (unsigned m = rows; m; m &= m - 1) {
+    const int r = __shfl_sync(kFull, row, __ffs(m) - 1);
+    int4* dst = reinterpret_cast<int4*>(a.recv_x + size_t(r) * row_bytes + off);
+#pragma unroll
+    for (int u = 0; u < kChunkPieces; ++u) {
+      if (u * 32 + lane < n) dst[u * 32 + lane] = k.data[u];
+    }
+    if (k.chunk != 0) continue;
+    for (int i = lane; i < num_scales; i += 32) {
+      const int u = i / 32;
+      a.recv_scales[size_t(r) * num_scales + i] =
+          u < kScalesPre ? (u == 0 ? k.scale[0] : k.scale[kScalesPre - 1]) : __ldcg(scales + i);
+    }
+    if (lane == 0) a.recv_src[r] = k.s * a.max_tokens + k.t;
+  }
+}
+
+// Every block: the sources' headers -> begin(s, j) (rows of sources < s) and totals. Block 0
+// writes the counts, ranges and drops; all blocks fill recv_src past the counts with -1. Warp
+// tasks (source, token, 2 KB chunk): each warp loads its first task before the header work.
+// s_mem: 2 * kMaxExperts + kMaxLocalExperts ints.
+__device__ void DispatchRecvPart(const CommArgs& c, const LLDispatchRecvArgs& a, uint64_t g,
+                                 int parity, unsigned failed, int* s_mem) {
+  int* s_begin = s_mem;                     // [R][L]
+  int* s_count = s_mem + kMaxExperts;       // [R][L]
+  int* s_total = s_mem + 2 * kMaxExperts;   // [L]
+  __shared__ int s_dropped;
+  const int num_ranks = c.num_ranks, me = c.rank, m_tok = a.max_tokens;
+  const int num_local = a.num_experts / num_ranks, cap = num_ranks * m_tok;
+  const size_t row_bytes = LLRowBytes(a.hidden, a.use_fp8);
+  const int num_chunks = int((row_bytes + kRecvChunkBytes - 1) / kRecvChunkBytes);
+  const int gwarp = blockIdx.x * kWarps + threadIdx.x / 32, num_gwarps = gridDim.x * kWarps;
+  const int num_tasks = num_ranks * a.num_tokens * num_chunks;
+  RecvTask task;
+  if (gwarp < num_tasks) LoadRecvTask(c, a, g, parity, failed, gwarp, num_chunks, task);
+
+  const int hdr = HeaderSlot(parity, m_tok);
   if (threadIdx.x == 0) s_dropped = 0;
-  __syncthreads();
   for (int q = threadIdx.x; q < num_ranks * num_local; q += blockDim.x) {
-    const int s = q / num_local;
+    const int s = q / num_local;  // each thread awaits the headers it reads (flags hit in L2)
+    if (!((failed >> s) & 1)) {
+      WaitAtLeast(SlotFlag(c, me, s, hdr), g << 1, c, kOpLLDispatch, kPhaseCounts, s, s == me);
+    }
     s_count[q] = (failed >> s) & 1 ? 0 : LoadStaged<int>(Slot(c, me, s, hdr), q % num_local);
   }
   __syncthreads();
@@ -314,80 +493,79 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchRecvKernel(CommArgs c, 
        q += size_t(gridDim.x) * blockDim.x) {
     if (int(q % cap) >= min(s_total[q / cap], cap)) a.recv_src[q] = -1;
   }
-
-  const size_t row_bytes = LLRowBytes(a.hidden, a.use_fp8), meta = LLMetaBytes(num_topk);
-  const int num_scales = a.use_fp8 ? a.hidden / 128 : 0;
-  const int num_chunks = int((row_bytes + kRecvChunkBytes - 1) / kRecvChunkBytes);
-  const int gwarp = blockIdx.x * kWarps + threadIdx.x / 32, num_gwarps = gridDim.x * kWarps;
-  for (int q = gwarp; q < num_ranks * num_tokens * num_chunks; q += num_gwarps) {
-    const int s = q / (num_tokens * num_chunks), t = q / num_chunks % num_tokens;
-    const int chunk = q % num_chunks;
-    const size_t entry = (size_t(s) * num_tokens + t) * num_topk;
-    bool present = false;
-    const uint8_t* slot = Slot(c, me, s, DispatchSlot(parity, m_tok, t));
-    if (!((failed >> s) & 1)) {
-      uint64_t flag = 0;
-      if (lane == 0) {
-        const uint64_t* f = SlotFlag(c, me, s, DispatchSlot(parity, m_tok, t));
-        WaitAtLeast(f, g << 1, c, kOpLLDispatch, kPhaseSent, s);
-        flag = LoadAcquire(f);
-      }
-      present = __shfl_sync(kFull, flag & 1, 0) != 0;
-    }
-    int row = -1;
-    bool mine = false;
-    float w = 0.f;
-    if (present && lane < num_topk) {
-      const int e = LoadStaged<int>(slot, lane);
-      const int local = e - me * num_local;
-      mine = e >= 0 && local >= 0 && local < num_local;
-      if (mine) {
-        const int r = s_begin[s * num_local + local] + LoadStaged<int>(slot, num_topk + lane);
-        row = r < cap ? local * cap + r : -2;
-        w = LoadStaged<float>(slot, 2 * num_topk + lane);
-      }
-    }
-    if (chunk == 0 && lane < num_topk) {
-      a.slot_rows[entry + lane] = mine ? row : -1;
-      a.slot_weights[entry + lane] = w;
-    }
-    const unsigned rows = __ballot_sync(kFull, row >= 0);
-    if (rows == 0) continue;
-    const size_t off = size_t(chunk) * kRecvChunkBytes;
-    const size_t nbytes = min(size_t(kRecvChunkBytes), row_bytes - off);
-    WarpCopyToRows<int4, false>(
-        rows, [&](int k) { return a.recv_x + size_t(__shfl_sync(kFull, row, k)) * row_bytes + off; },
-        slot + meta + off, nbytes, lane);
-    if (chunk != 0) continue;
-    const float* scales = reinterpret_cast<const float*>(slot + meta + Align16(row_bytes));
-    for (unsigned m = rows; m; m &= m - 1) {
-      const int k = __ffs(m) - 1;
-      const int r = __shfl_sync(kFull, row, k);
-      for (int i = lane; i < num_scales; i += 32) {
-        a.recv_scales[size_t(r) * num_scales + i] = __ldcg(scales + i);
-      }
-      if (lane == 0) a.recv_src[r] = s * m_tok + t;
-    }
+  for (int q = gwarp; q < num_tasks; q += num_gwarps) {
+    if (q != gwarp) LoadRecvTask(c, a, g, parity, failed, q, num_chunks, task);
+    PlaceRecvTask(c, a, parity, num_chunks, s_begin, task);
   }
-  EndRecv(c, kOpD, g, failed);
+}
+
+constexpr int kRecvSharedInts = 2 * kMaxExperts + kMaxLocalExperts;
+
+// A dispatch send's start: the generation (ticket written), every live peer's parity free.
+__device__ inline uint64_t OpenDispatchSend(const CommArgs& c, const LLDispatchSendArgs& a,
+                                            unsigned failed) {
+  const uint64_t g = BeginSend(c, kOpD, kOpLLDispatch, failed, threadIdx.x);
+  if (blockIdx.x == 0 && threadIdx.x == 0) a.ticket[0] = int32_t(g), a.ticket[1] = int(g & 1);
+  __syncthreads();
+  return g;
+}
+
+template <bool kFp8>
+__global__ void __launch_bounds__(kThreads, 1) LLDispatchSendKernel(CommArgs c, LLDispatchSendArgs a) {
+  __shared__ int s_hist[kMaxExperts];
+  const SendPrefetch pre = PrefetchSend<kFp8>(a, blockIdx.x);  // before the waits
+  const unsigned failed = FailedBits(a.failed, c.num_ranks, c.rank);
+  const uint64_t g = OpenDispatchSend(c, a, failed);
+  DispatchSendPart<kFp8>(c, a, g, failed, pre, s_hist);
+  EndSend(c, kOpD, g);
+}
+
+__global__ void __launch_bounds__(kThreads, 1) LLDispatchRecvKernel(CommArgs c, LLDispatchRecvArgs a) {
+  __shared__ int s_mem[kRecvSharedInts];
+  const unsigned failed = FailedBits(a.failed, c.num_ranks, c.rank);
+  uint64_t g;
+  int parity;
+  ReadTicket(c, kOpD, kOpLLDispatch, a.ticket, &g, &parity);
+  DispatchRecvPart(c, a, g, parity, failed, s_mem);
+  EndRecv<false>(c, kOpD, g, failed);
+}
+
+// Both phases in one kernel: every block sends its tokens, then receives (senders never wait
+// for receivers, and the grid is at most one block per SM, all resident).
+template <bool kFp8>
+__global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(CommArgs c, LLDispatchSendArgs s,
+                                                                LLDispatchRecvArgs r) {
+  __shared__ int s_mem[kRecvSharedInts];  // the header histogram, then the receive's tables
+  const SendPrefetch pre = PrefetchSend<kFp8>(s, blockIdx.x);
+  const unsigned failed = FailedBits(s.failed, c.num_ranks, c.rank);
+  const uint64_t g = OpenDispatchSend(c, s, failed);
+  DispatchSendPart<kFp8>(c, s, g, failed, pre, s_mem);
+  __syncthreads();  // s_mem changes role
+  DispatchRecvPart(c, r, g, int(g & 1), failed, s_mem);
+  EndRecv<true>(c, kOpD, g, failed);
 }
 
 // ------------------------------------------------------------------ combine
 
-// out[e, e + 8) = sum over the set bits i of `from`, in increasing order, of weight_of(i) *
-// row_of(i)[e, e + 8) in float32, e = this lane's 8 channels; up to kBatch rows' loads in flight
-// before any is added (a warp's chunk is one load per row and lane: latency, not bandwidth,
-// bounds these small sums). row_of / weight_of may shuffle: the loop is warp-uniform.
-template <typename RowOf, typename WeightOf>
+// Channels of a combine chunk per lane: kLLPacks packs of 8, 256 apart (coalesced per pack).
+constexpr int kLLPacks = kLLChunk / 256;
+
+// acc[u][0, 8) = sum over the set bits i of `from`, in increasing order, of weight_of(i) *
+// row_of(i)[e + 256 u, +8) in float32 (pack u active where active(u)); up to kBatch rows' loads in
+// flight before any is added (a warp's chunk is kLLPacks loads per row and lane: latency, not
+// bandwidth, bounds these small sums). row_of / weight_of may shuffle: the loop is warp-uniform.
+template <typename RowOf, typename WeightOf, typename Active>
 __device__ __forceinline__ void SumLaneRows(unsigned from, RowOf row_of, WeightOf weight_of,
-                                            bool active, int e, __nv_bfloat16* out) {
+                                            Active active, int e, float (&acc)[kLLPacks][8]) {
   constexpr int kBatch = 8;
   using P = Pack<__nv_bfloat16, 8>;
-  float acc[8];
 #pragma unroll
-  for (int u = 0; u < 8; ++u) acc[u] = 0.f;
+  for (int v = 0; v < kLLPacks; ++v) {
+#pragma unroll
+    for (int u = 0; u < 8; ++u) acc[v][u] = 0.f;
+  }
   while (from) {
-    P p[kBatch];
+    P p[kBatch][kLLPacks];
     float w[kBatch];
     int n = 0;
 #pragma unroll
@@ -397,27 +575,37 @@ __device__ __forceinline__ void SumLaneRows(unsigned from, RowOf row_of, WeightO
       from &= from - 1;
       const __nv_bfloat16* row = row_of(i);
       w[b] = weight_of(i);
-      if (active) p[b] = LoadStagedPack<__nv_bfloat16, 8>(row + e);
+#pragma unroll
+      for (int v = 0; v < kLLPacks; ++v) {
+        if (active(v)) p[b][v] = LoadStagedPack<__nv_bfloat16, 8>(row + e + 256 * v);
+      }
       n = b + 1;
     }
 #pragma unroll
     for (int b = 0; b < kBatch; ++b) {
-      if (b < n && active) Accumulate<__nv_bfloat16, 8>(acc, w[b], p[b]);
+#pragma unroll
+      for (int v = 0; v < kLLPacks; ++v) {
+        if (b < n && active(v)) Accumulate<__nv_bfloat16, 8>(acc[v], w[b], p[b][v]);
+      }
     }
   }
-  if (active) StoreF32<__nv_bfloat16, 8>(out + e, acc);
+}
+
+__device__ __forceinline__ void StoreLanePacks(__nv_bfloat16* out, int e, int hidden,
+                                               const float (&acc)[kLLPacks][8]) {
+#pragma unroll
+  for (int v = 0; v < kLLPacks; ++v) {
+    if (e + 256 * v < hidden) StoreF32<__nv_bfloat16, 8>(out + e + 256 * v, acc[v]);
+  }
 }
 
 // Warp tasks (source, token, chunk of kLLChunk channels) on the experts' rank: the weighted sum
 // of the token's rows here (top-k order, float32) as bfloat16 into the source's staging, then
-// the chunk's flag.
-__global__ void __launch_bounds__(kThreads, 1) LLCombineSendKernel(CommArgs c, LLCombineSendArgs a) {
+// the chunk's flag. The caller's BeginSend made each warp wait until the parity is free.
+__device__ void CombineSendPart(const CommArgs& c, const LLCombineSendArgs& a, uint64_t g,
+                                unsigned failed) {
   const int lane = threadIdx.x % 32, num_ranks = c.num_ranks, num_topk = a.num_topk;
-  const int hidden = a.hidden, num_tokens = a.num_tokens;
-  const unsigned failed = FailedBits(a.failed, num_ranks, c.rank);
-  const uint64_t g = BeginSend(c, kOpC, kOpLLCombine, failed);
-  const int parity = int(g & 1);
-  if (blockIdx.x == 0 && threadIdx.x == 0) a.ticket[0] = int32_t(g), a.ticket[1] = parity;
+  const int hidden = a.hidden, num_tokens = a.num_tokens, parity = int(g & 1);
   const __nv_bfloat16* y = reinterpret_cast<const __nv_bfloat16*>(a.y);
   const int num_chunks = (hidden + kLLChunk - 1) / kLLChunk;
   const size_t flags_at = Align16(size_t(hidden) * 2);
@@ -430,27 +618,27 @@ __global__ void __launch_bounds__(kThreads, 1) LLCombineSendKernel(CommArgs c, L
     const int row = lane < num_topk ? a.slot_rows[entry + lane] : -1;
     if (__ballot_sync(kFull, row != -1) == 0) continue;  // token t of s did not come here
     const float w = lane < num_topk ? a.slot_weights[entry + lane] : 0.f;
-    uint8_t* dst = Slot(c, s, c.rank, CombineSlot(parity, a.max_tokens, t));
     const int e = chunk * kLLChunk + lane * 8;
+    float acc[kLLPacks][8];
     SumLaneRows(
         __ballot_sync(kFull, row >= 0),
         [&](int k) { return y + size_t(__shfl_sync(kFull, row, k)) * hidden; },
-        [&](int k) { return __shfl_sync(kFull, w, k); }, e < hidden, e,
-        reinterpret_cast<__nv_bfloat16*>(dst));
+        [&](int k) { return __shfl_sync(kFull, w, k); },
+        [&](int v) { return e + 256 * v < hidden; }, e, acc);
+    uint8_t* dst = Slot(c, s, c.rank, CombineSlot(parity, a.max_tokens, t));
+    StoreLanePacks(reinterpret_cast<__nv_bfloat16*>(dst), e, hidden, acc);
     __syncwarp();  // the lanes' stores precede lane 0's release (cumulativity)
-    if (lane == 0) StoreRelease(reinterpret_cast<uint64_t*>(dst + flags_at) + chunk, g);
+    if (lane == 0) {
+      StoreReleaseTo(reinterpret_cast<uint64_t*>(dst + flags_at) + chunk, g, s == c.rank);
+    }
   }
-  EndSend(c, kOpC, g);
 }
 
 // Warp tasks (token, chunk) on the source: the partials of the token's live ranks, summed in
 // rank order (float32) as they land.
-__global__ void __launch_bounds__(kThreads, 1) LLCombineRecvKernel(CommArgs c, LLCombineRecvArgs a) {
+__device__ void CombineRecvPart(const CommArgs& c, const LLCombineRecvArgs& a, uint64_t g,
+                                int parity, unsigned failed) {
   const int lane = threadIdx.x % 32, num_ranks = c.num_ranks, me = c.rank, hidden = a.hidden;
-  const unsigned failed = FailedBits(a.failed, num_ranks, c.rank);
-  uint64_t g;
-  int parity;
-  CheckTicket(c, kOpC, kOpLLCombine, a.ticket, &g, &parity);
   const int num_chunks = (hidden + kLLChunk - 1) / kLLChunk;
   const size_t flags_at = Align16(size_t(hidden) * 2);
   const int gwarp = blockIdx.x * kWarps + threadIdx.x / 32, num_gwarps = gridDim.x * kWarps;
@@ -460,17 +648,46 @@ __global__ void __launch_bounds__(kThreads, 1) LLCombineRecvKernel(CommArgs c, L
     const int slot = CombineSlot(parity, a.max_tokens, t);
     if (lane < num_ranks && ((use >> lane) & 1)) {
       WaitAtLeast(reinterpret_cast<const uint64_t*>(Slot(c, me, lane, slot) + flags_at) + chunk,
-                  g, c, kOpLLCombine, kPhaseSent, lane);
+                  g, c, kOpLLCombine, kPhaseSent, lane, lane == me);
     }
     __syncwarp();
     const int e = chunk * kLLChunk + lane * 8;
+    float acc[kLLPacks][8];
     SumLaneRows(
         use, [&](int d) { return reinterpret_cast<const __nv_bfloat16*>(Slot(c, me, d, slot)); },
-        [](int) { return 1.f; }, e < hidden, e,
-        reinterpret_cast<__nv_bfloat16*>(a.out) + size_t(t) * hidden);
+        [](int) { return 1.f; }, [&](int v) { return e + 256 * v < hidden; }, e, acc);
+    StoreLanePacks(reinterpret_cast<__nv_bfloat16*>(a.out) + size_t(t) * hidden, e, hidden, acc);
     if (chunk == 0 && lane == 0) a.num_missing[t] = __popc(unsigned(a.token_dests[t]) & ~use);
   }
-  EndRecv(c, kOpC, g, failed);
+}
+
+__global__ void __launch_bounds__(kThreads, 1) LLCombineSendKernel(CommArgs c, LLCombineSendArgs a) {
+  const unsigned failed = FailedBits(a.failed, c.num_ranks, c.rank);
+  const uint64_t g = BeginSend(c, kOpC, kOpLLCombine, failed, threadIdx.x % 32);
+  __syncwarp();  // each warp stores only after its own lanes' waits
+  if (blockIdx.x == 0 && threadIdx.x == 0) a.ticket[0] = int32_t(g), a.ticket[1] = int(g & 1);
+  CombineSendPart(c, a, g, failed);
+  EndSend(c, kOpC, g);
+}
+
+__global__ void __launch_bounds__(kThreads, 1) LLCombineRecvKernel(CommArgs c, LLCombineRecvArgs a) {
+  const unsigned failed = FailedBits(a.failed, c.num_ranks, c.rank);
+  uint64_t g;
+  int parity;
+  ReadTicket(c, kOpC, kOpLLCombine, a.ticket, &g, &parity);
+  CombineRecvPart(c, a, g, parity, failed);
+  EndRecv<false>(c, kOpC, g, failed);
+}
+
+__global__ void __launch_bounds__(kThreads, 1) LLCombineKernel(CommArgs c, LLCombineSendArgs s,
+                                                               LLCombineRecvArgs r) {
+  const unsigned failed = FailedBits(s.failed, c.num_ranks, c.rank);
+  const uint64_t g = BeginSend(c, kOpC, kOpLLCombine, failed, threadIdx.x % 32);
+  __syncwarp();
+  if (blockIdx.x == 0 && threadIdx.x == 0) s.ticket[0] = int32_t(g), s.ticket[1] = int(g & 1);
+  CombineSendPart(c, s, g, failed);
+  CombineRecvPart(c, r, g, int(g & 1), failed);
+  EndRecv<true>(c, kOpC, g, failed);
 }
 
 int Grid(const CommArgs& c, int work) { return max(1, min(work, c.num_blocks)); }
@@ -496,6 +713,13 @@ cudaError_t LaunchLLDispatchRecv(const CommArgs& c, const LLDispatchRecvArgs& a,
   return cudaGetLastError();
 }
 
+cudaError_t LaunchLLDispatch(const CommArgs& c, const LLDispatchSendArgs& send,
+                             const LLDispatchRecvArgs& recv, cudaStream_t s) {
+  auto kernel = send.use_fp8 ? LLDispatchKernel<true> : LLDispatchKernel<false>;
+  kernel<<<c.num_blocks, kThreads, 0, s>>>(c, send, recv);
+  return cudaGetLastError();
+}
+
 cudaError_t LaunchLLCombineSend(const CommArgs& c, const LLCombineSendArgs& a, cudaStream_t s) {
   const int chunks = (a.hidden + kLLChunk - 1) / kLLChunk;
   const int warps = c.num_ranks * a.num_tokens * chunks;
@@ -509,11 +733,20 @@ cudaError_t LaunchLLCombineRecv(const CommArgs& c, const LLCombineRecvArgs& a, c
   return cudaGetLastError();
 }
 
+cudaError_t LaunchLLCombine(const CommArgs& c, const LLCombineSendArgs& send,
+                            const LLCombineRecvArgs& recv, cudaStream_t s) {
+  const int chunks = (send.hidden + kLLChunk - 1) / kLLChunk;
+  const int warps = c.num_ranks * send.num_tokens * chunks;
+  LLCombineKernel<<<Grid(c, (warps + kWarps - 1) / kWarps), kThreads, 0, s>>>(c, send, recv);
+  return cudaGetLastError();
+}
+
 cudaError_t PreloadLowLatencyKernels() {
   cudaError_t err = cudaSuccess;
   Touch(err, LLDispatchSendKernel<true>), Touch(err, LLDispatchSendKernel<false>);
+  Touch(err, LLDispatchKernel<true>), Touch(err, LLDispatchKernel<false>);
   Touch(err, LLDispatchRecvKernel), Touch(err, LLCombineSendKernel);
-  Touch(err, LLCombineRecvKernel);
+  Touch(err, LLCombineRecvKernel), Touch(err, LLCombineKernel);
   return err;
 }
 

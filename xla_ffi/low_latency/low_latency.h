@@ -78,6 +78,11 @@ cudaError_t LaunchLLDispatchSend(const CommArgs& c, const LLDispatchSendArgs& a,
 cudaError_t LaunchLLDispatchRecv(const CommArgs& c, const LLDispatchRecvArgs& a, cudaStream_t s);
 cudaError_t LaunchLLCombineSend(const CommArgs& c, const LLCombineSendArgs& a, cudaStream_t s);
 cudaError_t LaunchLLCombineRecv(const CommArgs& c, const LLCombineRecvArgs& a, cudaStream_t s);
+// Both phases as one kernel (the receive's ticket is not read: the generation is the send's).
+cudaError_t LaunchLLDispatch(const CommArgs& c, const LLDispatchSendArgs& send,
+                             const LLDispatchRecvArgs& recv, cudaStream_t s);
+cudaError_t LaunchLLCombine(const CommArgs& c, const LLCombineSendArgs& send,
+                            const LLCombineRecvArgs& recv, cudaStream_t s);
 cudaError_t PreloadLowLatencyKernels();
 
 // Staging geometry (bytes of the pieces of one slot; see above).

@@ -69,11 +69,12 @@ ffi::Error Launched(cudaError_t err, const char* kernel) {
   return jax_ep::Launched(err, "jax_ep.low_latency", kernel);
 }
 
-ffi::Error DispatchSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, S32 topk_idx,
-                            F32 topk_weights, S32 failed, ffi::Result<S32> ticket,
-                            ffi::Result<S32> token_dests, ffi::Result<S32> token_sent,
-                            int64_t workspace_id, int64_t num_experts, int64_t max_tokens,
-                            bool use_fp8) {
+// Checks one DispatchSend call and fills its kernel arguments.
+ffi::Error PrepareDispatchSend(CommArgs* comm, LLDispatchSendArgs* args, int32_t device,
+                               ffi::AnyBuffer x, S32 topk_idx, F32 topk_weights, S32 failed,
+                               ffi::Result<S32> ticket, ffi::Result<S32> token_dests,
+                               ffi::Result<S32> token_sent, int64_t workspace_id,
+                               int64_t num_experts, int64_t max_tokens, bool use_fp8) {
   const auto dims = topk_idx.dimensions();
   if (dims.size() != 2 || x.element_type() != ffi::BF16 || x.dimensions().size() != 2) {
     return Invalid("dispatch_send: x must be [T, H] bfloat16 and topk_idx [T, K]");
@@ -92,17 +93,20 @@ ffi::Error DispatchSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
   a.ticket = ticket->typed_data();
   a.token_dests = token_dests->typed_data();
   a.token_sent = token_sent->typed_data();
-  return Launched(LaunchLLDispatchSend(Comm(ws, slot), a, stream), "dispatch send");
+  *comm = Comm(ws, slot);
+  *args = a;
+  return ffi::Error::Success();
 }
 
-ffi::Error DispatchRecvImpl(cudaStream_t stream, int32_t device, S32 ticket, S32 failed,
-                            ffi::Result<ffi::AnyBuffer> recv_x,
-                            ffi::Result<F32> recv_scales, ffi::Result<S32> recv_count,
-                            ffi::Result<S32> recv_src, ffi::Result<S32> recv_range,
-                            ffi::Result<S32> num_dropped, ffi::Result<S32> slot_rows,
-                            ffi::Result<F32> slot_weights, int64_t workspace_id,
-                            int64_t num_experts, int64_t max_tokens, bool use_fp8,
-                            int64_t num_tokens, int64_t hidden, int64_t num_topk) {
+// Checks one DispatchRecv call and fills its kernel arguments.
+ffi::Error PrepareDispatchRecv(CommArgs* comm, LLDispatchRecvArgs* args, int32_t device, S32 ticket,
+                               S32 failed, ffi::Result<ffi::AnyBuffer> recv_x,
+                               ffi::Result<F32> recv_scales, ffi::Result<S32> recv_count,
+                               ffi::Result<S32> recv_src, ffi::Result<S32> recv_range,
+                               ffi::Result<S32> num_dropped, ffi::Result<S32> slot_rows,
+                               ffi::Result<F32> slot_weights, int64_t workspace_id,
+                               int64_t num_experts, int64_t max_tokens, bool use_fp8,
+                               int64_t num_tokens, int64_t hidden, int64_t num_topk) {
   const Shape s{num_tokens, hidden, num_topk, num_experts, max_tokens, use_fp8};
   Workspace* ws;
   DeviceSlot* slot;
@@ -120,13 +124,16 @@ ffi::Error DispatchRecvImpl(cudaStream_t stream, int32_t device, S32 ticket, S32
   a.num_dropped = num_dropped->typed_data();
   a.slot_rows = slot_rows->typed_data();
   a.slot_weights = slot_weights->typed_data();
-  return Launched(LaunchLLDispatchRecv(Comm(ws, slot), a, stream), "dispatch receive");
+  *comm = Comm(ws, slot);
+  *args = a;
+  return ffi::Error::Success();
 }
 
-ffi::Error CombineSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, S32 slot_rows,
-                           F32 slot_weights, S32 failed, ffi::Result<S32> ticket,
-                           int64_t workspace_id, int64_t num_experts, int64_t max_tokens,
-                           bool use_fp8) {
+// Checks one CombineSend call and fills its kernel arguments.
+ffi::Error PrepareCombineSend(CommArgs* comm, LLCombineSendArgs* args, int32_t device,
+                              ffi::AnyBuffer y, S32 slot_rows, F32 slot_weights, S32 failed,
+                              ffi::Result<S32> ticket, int64_t workspace_id, int64_t num_experts,
+                              int64_t max_tokens, bool use_fp8) {
   const auto dims = slot_rows.dimensions();
   if (y.element_type() != ffi::BF16 || y.dimensions().size() != 3 || dims.size() != 3) {
     return Invalid("combine_send: y must be [L, R * M, H] bfloat16");
@@ -143,14 +150,17 @@ ffi::Error CombineSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y
   a.num_tokens = int(s.num_tokens), a.hidden = int(s.hidden), a.num_topk = int(s.num_topk);
   a.max_tokens = int(max_tokens);
   a.ticket = ticket->typed_data();
-  return Launched(LaunchLLCombineSend(Comm(ws, slot), a, stream), "combine send");
+  *comm = Comm(ws, slot);
+  *args = a;
+  return ffi::Error::Success();
 }
 
-ffi::Error CombineRecvImpl(cudaStream_t stream, int32_t device, S32 ticket, S32 token_dests,
-                           S32 token_sent, S32 failed, ffi::Result<ffi::AnyBuffer> out,
-                           ffi::Result<S32> num_missing, int64_t workspace_id,
-                           int64_t num_experts, int64_t max_tokens, bool use_fp8,
-                           int64_t num_topk) {
+// Checks one CombineRecv call and fills its kernel arguments.
+ffi::Error PrepareCombineRecv(CommArgs* comm, LLCombineRecvArgs* args, int32_t device, S32 ticket,
+                              S32 token_dests, S32 token_sent, S32 failed,
+                              ffi::Result<ffi::AnyBuffer> out, ffi::Result<S32> num_missing,
+                              int64_t workspace_id, int64_t num_experts, int64_t max_tokens,
+                              bool use_fp8, int64_t num_topk) {
   const auto dims = out->dimensions();
   const Shape s{dims[0], dims[1], num_topk, num_experts, max_tokens, use_fp8};
   Workspace* ws;
@@ -164,11 +174,68 @@ ffi::Error CombineRecvImpl(cudaStream_t stream, int32_t device, S32 ticket, S32 
   a.num_tokens = int(s.num_tokens), a.hidden = int(s.hidden), a.max_tokens = int(max_tokens);
   a.out = static_cast<uint16_t*>(out->untyped_data());
   a.num_missing = num_missing->typed_data();
-  return Launched(LaunchLLCombineRecv(Comm(ws, slot), a, stream), "combine receive");
+  *comm = Comm(ws, slot);
+  *args = a;
+  return ffi::Error::Success();
 }
 
-// One call for both phases (send, then receive on the same stream): what the split costs is
-// measured against these (benchmarks/bench_low_latency.py); the ticket is an output here.
+// The split phases: prepare (checks, kernel arguments), then launch.
+#define JAX_EP_LL_PHASE(Name, Args, label, ...)                                      \
+  [&]() -> ffi::Error {                                                               \
+    CommArgs comm;                                                                    \
+    Args a{};                                                                         \
+    if (auto err = Prepare##Name(&comm, &a, device, __VA_ARGS__); err.failure()) {   \
+      return err;                                                                     \
+    }                                                                                 \
+    return Launched(LaunchLL##Name(comm, a, stream), label);                          \
+  }()
+
+ffi::Error DispatchSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, S32 topk_idx,
+                            F32 topk_weights, S32 failed, ffi::Result<S32> ticket,
+                            ffi::Result<S32> token_dests, ffi::Result<S32> token_sent,
+                            int64_t workspace_id, int64_t num_experts, int64_t max_tokens,
+                            bool use_fp8) {
+  return JAX_EP_LL_PHASE(DispatchSend, LLDispatchSendArgs, "dispatch send", x, topk_idx,
+                         topk_weights, failed, ticket, token_dests, token_sent, workspace_id,
+                         num_experts, max_tokens, use_fp8);
+}
+
+ffi::Error DispatchRecvImpl(cudaStream_t stream, int32_t device, S32 ticket, S32 failed,
+                            ffi::Result<ffi::AnyBuffer> recv_x,
+                            ffi::Result<F32> recv_scales, ffi::Result<S32> recv_count,
+                            ffi::Result<S32> recv_src, ffi::Result<S32> recv_range,
+                            ffi::Result<S32> num_dropped, ffi::Result<S32> slot_rows,
+                            ffi::Result<F32> slot_weights, int64_t workspace_id,
+                            int64_t num_experts, int64_t max_tokens, bool use_fp8,
+                            int64_t num_tokens, int64_t hidden, int64_t num_topk) {
+  return JAX_EP_LL_PHASE(DispatchRecv, LLDispatchRecvArgs, "dispatch receive", ticket, failed,
+                         recv_x, recv_scales, recv_count, recv_src, recv_range, num_dropped,
+                         slot_rows, slot_weights, workspace_id, num_experts, max_tokens, use_fp8,
+                         num_tokens, hidden, num_topk);
+}
+
+ffi::Error CombineSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, S32 slot_rows,
+                           F32 slot_weights, S32 failed, ffi::Result<S32> ticket,
+                           int64_t workspace_id, int64_t num_experts, int64_t max_tokens,
+                           bool use_fp8) {
+  return JAX_EP_LL_PHASE(CombineSend, LLCombineSendArgs, "combine send", y, slot_rows,
+                         slot_weights, failed, ticket, workspace_id, num_experts, max_tokens,
+                         use_fp8);
+}
+
+ffi::Error CombineRecvImpl(cudaStream_t stream, int32_t device, S32 ticket, S32 token_dests,
+                           S32 token_sent, S32 failed, ffi::Result<ffi::AnyBuffer> out,
+                           ffi::Result<S32> num_missing, int64_t workspace_id,
+                           int64_t num_experts, int64_t max_tokens, bool use_fp8,
+                           int64_t num_topk) {
+  return JAX_EP_LL_PHASE(CombineRecv, LLCombineRecvArgs, "combine receive", ticket, token_dests,
+                         token_sent, failed, out, num_missing, workspace_id, num_experts,
+                         max_tokens, use_fp8, num_topk);
+}
+#undef JAX_EP_LL_PHASE
+
+// One call for both phases, one kernel (the ticket is an output here, the receive reads none):
+// what the split costs is measured against these (benchmarks/bench_low_latency.py).
 ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, S32 topk_idx,
                         F32 topk_weights, S32 failed, ffi::Result<S32> ticket,
                         ffi::Result<S32> token_dests, ffi::Result<S32> token_sent,
@@ -178,16 +245,24 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, S
                         ffi::Result<S32> slot_rows, ffi::Result<F32> slot_weights,
                         int64_t workspace_id, int64_t num_experts, int64_t max_tokens,
                         bool use_fp8) {
-  if (auto err = DispatchSendImpl(stream, device, x, topk_idx, topk_weights, failed, ticket,
-                                  token_dests, token_sent, workspace_id, num_experts, max_tokens,
-                                  use_fp8);
+  CommArgs comm;
+  LLDispatchSendArgs send{};
+  LLDispatchRecvArgs recv{};
+  if (auto err = PrepareDispatchSend(&comm, &send, device, x, topk_idx, topk_weights, failed,
+                                     ticket, token_dests, token_sent, workspace_id, num_experts,
+                                     max_tokens, use_fp8);
       err.failure()) {
     return err;
   }
   const auto dims = topk_idx.dimensions();
-  return DispatchRecvImpl(stream, device, *ticket, failed, recv_x, recv_scales, recv_count,
-                          recv_src, recv_range, num_dropped, slot_rows, slot_weights, workspace_id,
-                          num_experts, max_tokens, use_fp8, dims[0], x.dimensions()[1], dims[1]);
+  if (auto err = PrepareDispatchRecv(&comm, &recv, device, *ticket, failed, recv_x, recv_scales,
+                                     recv_count, recv_src, recv_range, num_dropped, slot_rows,
+                                     slot_weights, workspace_id, num_experts, max_tokens, use_fp8,
+                                     dims[0], x.dimensions()[1], dims[1]);
+      err.failure()) {
+    return err;
+  }
+  return Launched(LaunchLLDispatch(comm, send, recv, stream), "dispatch");
 }
 
 ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, S32 slot_rows,
@@ -195,14 +270,21 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, S3
                        ffi::Result<S32> ticket, ffi::Result<ffi::AnyBuffer> out,
                        ffi::Result<S32> num_missing, int64_t workspace_id, int64_t num_experts,
                        int64_t max_tokens, bool use_fp8) {
-  if (auto err = CombineSendImpl(stream, device, y, slot_rows, slot_weights, failed, ticket,
-                                 workspace_id, num_experts, max_tokens, use_fp8);
+  CommArgs comm;
+  LLCombineSendArgs send{};
+  LLCombineRecvArgs recv{};
+  if (auto err = PrepareCombineSend(&comm, &send, device, y, slot_rows, slot_weights, failed,
+                                    ticket, workspace_id, num_experts, max_tokens, use_fp8);
       err.failure()) {
     return err;
   }
-  return CombineRecvImpl(stream, device, *ticket, token_dests, token_sent, failed, out,
-                         num_missing, workspace_id, num_experts, max_tokens, use_fp8,
-                         slot_rows.dimensions()[2]);
+  if (auto err = PrepareCombineRecv(&comm, &recv, device, *ticket, token_dests, token_sent,
+                                    failed, out, num_missing, workspace_id, num_experts,
+                                    max_tokens, use_fp8, slot_rows.dimensions()[2]);
+      err.failure()) {
+    return err;
+  }
+  return Launched(LaunchLLCombine(comm, send, recv, stream), "combine");
 }
 
 constexpr auto kTraits = ffi::Traits::kCmdBufferCompatible;
