@@ -27,7 +27,7 @@ from flax import nnx
 
 import jax_ep
 from conftest import make_mesh
-from jax_ep.nn import MoE, dequantize_fp8, route, swiglu
+from jax_ep.nn import MoE, route, swiglu
 
 H, F, E = 128, 32, 8  # H = one FP8 scale block
 TOL = {True: (0.08, 0.10), False: (0.015, 0.02)}  # use_fp8 -> (norm-relative, per element)
@@ -65,20 +65,23 @@ def errors(got, want):
 def fp8_oracle(moe, x):
     """The layer densely on one device with the routing of the exact tokens x [n, H] but every
     expert fed the tokens as the FP8 dispatch carries them (bfloat16, then per 128 channels
-    e4m3 with scale amax / 448: jax_ep.backends.xla_ll.fp8_cast, dequantized). No shared
-    experts."""
-    from jax_ep.backends.xla_ll import fp8_cast  # noqa: PLC0415
+    e4m3 with scale amax / 448, dequantized), quantized on the host by the numpy model (bit-exact
+    with the kernels, independent of how an XLA backend rounds). No shared experts."""
+    import ll_model  # noqa: PLC0415 (tests/)
+
+    xb = np.asarray(np.asarray(x, np.float32).astype(ll_model.BF16), np.float32)
+    q, scales = ll_model.np_fp8(xb)
+    xq = (q.astype(np.float32).reshape(len(xb), -1, 128) * scales[..., None]).reshape(xb.shape)
 
     @jax.jit
-    def dense(x, kernel, bias, wg, wu, wd):
+    def dense(x, xq, kernel, bias, wg, wu, wd):
         routing = route(moe.router.config, kernel, x, bias)
-        xq = dequantize_fp8(*fp8_cast(x.astype(jnp.bfloat16)), jnp.float32)
         ye = jax.vmap(lambda g, u, d: swiglu(xq, g, u, d, jnp.float32))(wg, wu, wd)  # [E, n, H]
         picked = ye[routing.topk_idx, jnp.arange(x.shape[0])[:, None]]  # [n, K, H]
         return jnp.einsum("nkh,nk->nh", picked, routing.topk_weights)
 
     weights = [None if a is None else jnp.asarray(np.asarray(a)) for a in moe._weights()[:5]]
-    return np.asarray(dense(jnp.asarray(np.asarray(x)), *weights))
+    return np.asarray(dense(jnp.asarray(np.asarray(x)), jnp.asarray(xq), *weights))
 
 
 CONFIGS = {
