@@ -157,12 +157,13 @@ def test_ll_back_to_back_and_two_in_flight(rng):
                 # pair's sends wait for the previous pair's receives (else a third send could
                 # find a busy parity), across iterations through the carry.
                 xi, _ = lax.optimization_barrier((xi, carry))
-                # Rows computed in the step (as a decoder's are), not slices of xs: XLA:GPU's
-                # dynamic-slice fusion clones a custom call whose operand is a slice and keeps
-                # the side-effecting original too (jax 0.11.2), so each send would run twice.
-                xi = (xi.astype(jnp.float32) * 2).astype(BF16)
-                first = pair(xi[0], xi[1], idx, w, False)
-                x2, x3, _ = lax.optimization_barrier((xi[2], xi[3], first))
+                # Each send's rows computed from its slice (as a decoder's are computed), never a
+                # plain slice: XLA:GPU's dynamic-slice fusion clones a custom call whose operand
+                # is a slice and keeps the side-effecting original as well (seen in the compiled
+                # program on jax 0.11.2: five sends per step), so that send would run twice.
+                xs4 = [(xi[j].astype(jnp.float32) * 2).astype(BF16) for j in range(4)]
+                first = pair(xs4[0], xs4[1], idx, w, False)
+                x2, x3, _ = lax.optimization_barrier((xs4[2], xs4[3], first))
                 second = pair(x2, x3, idx, w, True)
                 return second[1][0, 0, 0], jnp.stack(first + second)
             _, out = jax.lax.scan(step, w[0, 0] * 0, xs)  # carry varies over "ep" as its update
