@@ -216,7 +216,8 @@ def time_row(row, mesh, args, x, idx, w, res):
     for op, fn, a in [("dispatch", row.dispatch, (x, idx, w)), ("combine", row.combine, (y, h))]:
         once = jit_shard(fn, mesh)
         wall = bd.sample_times(once, a, args.iters, args.warmup)
-        short, long = (jit_shard(chain(fn, k, row.pure), mesh) for k in (args.inner, 2 * args.inner))
+        short, long = (jit_shard(chain(fn, k, row.pure), mesh)
+                       for k in (args.inner, 2 * args.inner))
         text = short.lower(*a).compile().as_text()
         dev = bd.sample_slope(short, long, a, args.inner, args.iters, args.warmup)
         p10, p50, p90 = np.percentile(dev, [10, 50, 90])

@@ -84,7 +84,7 @@ def main():
     p.add_argument("--graph", action="store_true")
     p.add_argument("--out", type=Path, default=Path("."))
     args = p.parse_args()
-    import torch  # noqa: PLC0415 (CUPTI through kineto; only this tool needs it)
+    # CUPTI through kineto; only this tool needs torch
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
 
     devices = jax.devices()

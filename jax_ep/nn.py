@@ -391,10 +391,8 @@ class MoE(nnx.Module):
         cfg = _ShardConfig(self.router.config, self.num_experts, self.recv_capacity(t_local),
                            self.expert_alignment, self.dtype, self.router.bias is not None,
                            self.num_shared_experts > 0, bool(return_aux))
-        kernel, bias, wg, wu, wd, sg, su, sd = self._weights()
         ax = self.buffer.axis_name
-        args, specs = _layer_args(ax, x.reshape(n, self.hidden), kernel, wg, wu, wd,
-                                  bias if cfg.has_bias else None, (sg, su, sd) if cfg.has_shared else None)
+        args, specs = _layer_args(cfg, ax, x.reshape(n, self.hidden), self._weights())
         fn = _sharded_moe(cfg, self.buffer, tuple(specs))
         if not return_aux:
             return fn(*args).reshape(x.shape)
@@ -444,27 +442,27 @@ class MoE(nnx.Module):
                              f"{buffer.ll_max_tokens_per_rank}")
         cfg = _DecodeConfig(self.router.config, self.num_experts, n, t_local, bool(use_fp8),
                             self.dtype, self.router.bias is not None, self.num_shared_experts > 0)
-        kernel, bias, wg, wu, wd, sg, su, sd = self._weights()
         ax = buffer.axis_name
         xf = x.reshape(n, self.hidden)
         if r * t_local != n:
             xf = jnp.pad(xf, ((0, r * t_local - n), (0, 0)))
-        args, specs = _layer_args(ax, xf, kernel, wg, wu, wd, bias if cfg.has_bias else None,
-                                  (sg, su, sd) if cfg.has_shared else None)
+        args, specs = _layer_args(cfg, ax, xf, self._weights())
         y = _sharded_decode(cfg, buffer, tuple(specs))(*args)
         return y[:n].reshape(x.shape)
 
 
-def _layer_args(ax, x, kernel, wg, wu, wd, bias, shared):
+def _layer_args(cfg, ax, x, weights):
     """Arguments of a layer's shard_map and their specs: tokens and routed experts sharded over
-    the EP axis, router (and bias, shared experts, when present) replicated."""
+    the EP axis, router (and bias, shared experts, where cfg has them) replicated. weights:
+    MoE._weights()."""
+    kernel, bias, wg, wu, wd, sg, su, sd = weights
     args, specs = [x, kernel, wg, wu, wd], [P(ax), P(), P(ax), P(ax), P(ax)]
-    if bias is not None:
+    if cfg.has_bias:
         args.append(bias)
         specs.append(P())
-    if shared is not None:
-        args += list(shared)
-        specs += [P()] * len(shared)
+    if cfg.has_shared:
+        args += [sg, su, sd]
+        specs += [P()] * 3
     return args, specs
 
 

@@ -153,9 +153,9 @@ def test_ll_back_to_back_and_two_in_flight(rng):
 
         def body(xs, idx, w):
             def step(carry, xi):
-                # XLA orders side-effecting calls only by data (and unrolls short loops): each
-                # pair's sends wait for the previous pair's receives (else a third send could
-                # find a busy parity), across iterations through the carry.
+                # XLA orders side-effecting calls only by data: each pair's sends wait for the
+                # previous pair's receives (else a third send could find a busy parity), across
+                # iterations through the carry (the contract, should XLA unroll the loop).
                 xi, _ = lax.optimization_barrier((xi, carry))
                 # Each send's rows computed from its slice (as a decoder's are computed), never a
                 # plain slice: XLA:GPU's dynamic-slice fusion clones a custom call whose operand
