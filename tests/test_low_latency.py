@@ -358,3 +358,16 @@ def test_ll_misuse_is_an_error_not_a_hang(mode, message):
                           text=True, timeout=300, env=dict(os.environ))
     text = proc.stdout + proc.stderr
     assert message in text, text[-3000:]
+
+
+def test_fp8_inverse_scale_is_correctly_rounded(rng):
+    """fp8_cast's 448 / amax equals IEEE (round-to-nearest) float32 division bit for bit, like
+    the kernels' __fdiv_rn; XLA:GPU's own float32 division (div.full.f32) is not exact."""
+    from jax_ep.backends.xla_ll import _div_rn_448
+    lo, hi = np.array([1e-4, 3.3e38], np.float32).view(np.uint32)
+    exps = np.arange(113, 255, dtype=np.uint32) << 23  # powers of two, all-ones mantissas
+    bits = np.concatenate([rng.integers(lo, hi, 200_000, np.uint32, endpoint=True),
+                           [lo, hi], exps, exps | 0x7FFFFF, exps | 0x600000])
+    amax = bits.view(np.float32)
+    got = np.asarray(jax.jit(_div_rn_448)(jnp.asarray(amax)))
+    np.testing.assert_array_equal(got.view(np.uint32), (np.float32(448) / amax).view(np.uint32))

@@ -25,13 +25,38 @@ FP8_INV_MAX = np.float32(1) / np.float32(FP8_MAX)
 
 def fp8_cast(x):
     """x [T, H] -> (e4m3 [T, H], scales [T, H // 128] float32): per 128 channels,
-    amax = max(|x|, 1e-4), q = e4m3(x * (448 / amax)) (round to nearest, saturating),
+    amax = max(|x|, 1e-4), q = e4m3(x * (448 / amax)) (both roundings to nearest, saturating),
     scale = amax * float32(1 / 448)."""
     t, h = x.shape
     xf = x.astype(f32).reshape(t, h // 128, 128)
     amax = jnp.maximum(jnp.max(jnp.abs(xf), axis=-1), f32(FP8_MIN_AMAX))
-    q = round_to_e4m3(xf * (f32(FP8_MAX) / amax)[..., None]).astype(jnp.float8_e4m3fn)
+    q = round_to_e4m3(xf * _div_rn_448(amax)[..., None]).astype(jnp.float8_e4m3fn)
     return q.reshape(t, h), amax * FP8_INV_MAX
+
+
+def _div_rn_448(amax):
+    """float32 448 / amax rounded to nearest even, as the kernels' __fdiv_rn(448.f, amax), for
+    a finite amax >= 2^-119 (a finite normal quotient; fp8_cast's amax is >= 1e-4).
+    Integer ops only: XLA:GPU lowers float32 division to PTX div.full.f32 (up to 2 ulp off).
+    With amax = m * 2^(e - 150) (24-bit mantissa m, biased exponent e) and 448 = 0xE00000 * 2^-15,
+    448 / amax = (n / m) * 2^(135 - e), n = 0xE00000 if m <= n else 2 * 0xE00000 (exponent - 1),
+    so that 1 <= n / m < 2: 24 quotient bits by restoring division, rounded with the remainder."""
+    u32 = jnp.uint32
+    bits = lax.bitcast_convert_type(amax, u32)
+    m = (bits & u32(0x7FFFFF)) | u32(0x800000)
+    big = (m > u32(0xE00000)).astype(u32)
+    r = (u32(0xE00000) << big) - m  # first quotient bit is 1
+    q = jnp.ones_like(m)
+    for _ in range(23):
+        r = r << 1
+        b = r >= m
+        r = jnp.where(b, r - m, r)
+        q = (q << 1) | b.astype(u32)
+    up = ((r << 1) > m) | (((r << 1) == m) & ((q & 1) == 1))
+    exp = u32(262) - (bits >> 23) - big  # biased exponent of the quotient
+    # adding the rounding bit to the whole pattern carries a mantissa overflow into the exponent
+    out = (exp << 23) + (q & u32(0x7FFFFF)) + up.astype(u32)
+    return lax.bitcast_convert_type(out, f32)
 
 
 def round_to_e4m3(v):

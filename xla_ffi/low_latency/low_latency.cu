@@ -14,6 +14,37 @@ constexpr float kFp8Max = 448.f;         // largest finite e4m3
 constexpr float kFp8MinAmax = 1e-4f;     // floor of a group's amax (jax_ep/backends/xla_ll.py)
 constexpr float kFp8InvMax = 1.f / 448.f;  // scale = amax * this (as the reference backend)
 
+// Phase timestamps for benchmarks/ll_phases.cu (built with -DJAX_EP_LL_TRACE): thread 0 of
+// each block records clock64 at the numbered points; compiled out otherwise.
+#ifdef JAX_EP_LL_TRACE
+constexpr int kTracePoints = 16;
+__device__ long long g_ll_trace[kMaxBlocks][kTracePoints];
+__device__ unsigned long long g_ll_trace_ns[kMaxBlocks][2];  // globaltimer at points 0 and last
+#define LL_STAMP(i)                                                          \
+  do {                                                                       \
+    if (threadIdx.x == 0) g_ll_trace[blockIdx.x][i] = clock64();             \
+    if (threadIdx.x == 0 && (i) == 0) g_ll_trace_ns[blockIdx.x][0] = GlobalTimerNs(); \
+  } while (0)
+#define LL_STAMP_END(i)                                                      \
+  do {                                                                       \
+    LL_STAMP(i);                                                             \
+    if (threadIdx.x == 0) g_ll_trace_ns[blockIdx.x][1] = GlobalTimerNs();    \
+  } while (0)
+__device__ int g_ll_sink;
+// Point i once thread 0 holds the value v (a load's arrival).
+#define LL_STAMP_AFTER(i, v)                                                 \
+  do {                                                                       \
+    if (threadIdx.x == 0) g_ll_sink = (v);                                   \
+    LL_STAMP(i);                                                             \
+  } while (0)
+#else
+#define LL_STAMP(i) \
+  do {              \
+  } while (0)
+#define LL_STAMP_END(i) LL_STAMP(i)
+#define LL_STAMP_AFTER(i, v) LL_STAMP(i)
+#endif
+
 __device__ __forceinline__ uint64_t* Gen(uint8_t* ws, int op) {
   return reinterpret_cast<uint64_t*>(ws + kLLGenOffset) + op;
 }
@@ -40,10 +71,11 @@ __device__ __forceinline__ int CombineSlot(int parity, int max_tokens, int t) {
   return 2 * (max_tokens + 1) + parity * max_tokens + t;
 }
 
-// The failed ranks; all of them on a rank marked failed itself (it takes no part).
+// The failed ranks; all of them on a rank marked failed itself (it takes no part). Through the
+// read-only cache: every thread reads the same words.
 __device__ __forceinline__ unsigned FailedBits(const int32_t* failed, int num_ranks, int rank) {
   unsigned bits = 0;
-  for (int r = 0; r < num_ranks; ++r) bits |= unsigned(failed[r] != 0) << r;
+  for (int r = 0; r < num_ranks; ++r) bits |= unsigned(__ldg(failed + r) != 0) << r;
   return (bits >> rank) & 1 ? (1u << num_ranks) - 1 : bits;
 }
 
@@ -78,38 +110,44 @@ __device__ inline void ReadTicket(const CommArgs& c, int op, int op_code, const 
   *parity_out = parity;
 }
 
-// A send takes the next generation g (every thread reads it); block 0 thread 0 checks parity
-// g & 1 is not in flight here (a third send in flight is misuse), and thread/lane d < R waits
-// until live peer d has received generation g - 2, i.e. parity g & 1 of d's staging is free.
-// All the words are read at once (both parities), the right one picked after: one round trip
-// when nothing is awaited. The caller syncs its block (or warp) before storing to the staging.
-__device__ inline uint64_t BeginSend(const CommArgs& c, int op, int op_code, unsigned failed,
-                                     int d) {
-  uint8_t* ws = c.peer_ws[c.rank];
-  const bool check = blockIdx.x == 0 && threadIdx.x == 0;
-  const bool waits = d < c.num_ranks && !((failed >> d) & 1);
-  const uint64_t* consumed0 = waits ? Consumed(ws, op, 0, d) : nullptr;
-  const uint64_t* consumed1 = waits ? Consumed(ws, op, 1, d) : nullptr;
-  const uint64_t last = *reinterpret_cast<volatile uint64_t*>(Gen(ws, op));
-  const uint64_t busy0 = check ? *reinterpret_cast<volatile uint64_t*>(Inflight(ws, op, 0)) : 0;
-  const uint64_t busy1 = check ? *reinterpret_cast<volatile uint64_t*>(Inflight(ws, op, 1)) : 0;
-  const uint64_t seen0 = waits ? *reinterpret_cast<const volatile uint64_t*>(consumed0) : 0;
-  const uint64_t seen1 = waits ? *reinterpret_cast<const volatile uint64_t*>(consumed1) : 0;
-  const uint64_t g = last + 1;
-  const int parity = int(g & 1);
-  if (check && (parity ? busy1 : busy0) != 0) {
-    ReportAndTrap(c, op_code, kPhaseBusy, c.rank, parity ? busy1 : busy0);
-  }
-  if (waits && g > 2) {
-    if ((parity ? seen1 : seen0) < g - 2) {
-      WaitAtLeast(parity ? consumed1 : consumed0, g - 2, c, op_code, kPhaseFree, d, d == c.rank);
-    } else if (d == c.rank) {  // acquire what the relaxed read saw: the peer's reads of the
-      asm volatile("fence.acq_rel.gpu;" ::: "memory");  // staging precede our stores
-    } else {
-      asm volatile("fence.acq_rel.sys;" ::: "memory");
+// A send takes the next generation g = Gen + 1 (the whole block; it syncs the block). Warp 0
+// reads the words (one request per block: a read by every thread makes Gen's line a hot spot
+// costing ~1 us), lane 0 of block 0 checks parity g & 1 is not in flight here (a third send in
+// flight is misuse), and lane d < R waits until live peer d has received generation g - 2, i.e.
+// parity g & 1 of d's staging is free. Both parities' words are read at once, the right one
+// picked after: one round trip when nothing is awaited.
+__device__ inline uint64_t BeginSend(const CommArgs& c, int op, int op_code, unsigned failed) {
+  __shared__ uint64_t s_gen;
+  const int d = threadIdx.x;
+  if (d < 32) {
+    uint8_t* ws = c.peer_ws[c.rank];
+    const bool check = blockIdx.x == 0 && d == 0;
+    const bool waits = d < c.num_ranks && !((failed >> d) & 1);
+    const uint64_t* consumed0 = waits ? Consumed(ws, op, 0, d) : nullptr;
+    const uint64_t* consumed1 = waits ? Consumed(ws, op, 1, d) : nullptr;
+    const uint64_t last = *reinterpret_cast<volatile uint64_t*>(Gen(ws, op));
+    const uint64_t busy0 = check ? *reinterpret_cast<volatile uint64_t*>(Inflight(ws, op, 0)) : 0;
+    const uint64_t busy1 = check ? *reinterpret_cast<volatile uint64_t*>(Inflight(ws, op, 1)) : 0;
+    const uint64_t seen0 = waits ? *reinterpret_cast<const volatile uint64_t*>(consumed0) : 0;
+    const uint64_t seen1 = waits ? *reinterpret_cast<const volatile uint64_t*>(consumed1) : 0;
+    const uint64_t g = last + 1;
+    const int parity = int(g & 1);
+    if (check && (parity ? busy1 : busy0) != 0) {
+      ReportAndTrap(c, op_code, kPhaseBusy, c.rank, parity ? busy1 : busy0);
     }
+    if (waits && g > 2) {
+      if ((parity ? seen1 : seen0) < g - 2) {
+        WaitAtLeast(parity ? consumed1 : consumed0, g - 2, c, op_code, kPhaseFree, d, d == c.rank);
+      } else if (d == c.rank) {  // acquire what the relaxed read saw: the peer's reads of the
+        asm volatile("fence.acq_rel.gpu;" ::: "memory");  // staging precede our stores
+      } else {
+        asm volatile("fence.acq_rel.sys;" ::: "memory");
+      }
+    }
+    if (d == 0) s_gen = g;
   }
-  return g;
+  __syncthreads();  // the waits precede every thread's stores to the staging (cumulativity)
+  return s_gen;
 }
 
 // Last block of a send: generation g is now in flight.
@@ -286,14 +324,17 @@ __device__ void SendRow(const CommArgs& c, const LLDispatchSendArgs& a, int t, u
 template <bool kFp8>
 __device__ void DispatchSendPart(const CommArgs& c, const LLDispatchSendArgs& a, uint64_t g,
                                  unsigned failed, const SendPrefetch& pre, int* s_hist) {
-  __shared__ int s_idx[kMaxTopk], s_pos[kMaxTopk];
+  __shared__ int s_idx[kMaxTopk];
   __shared__ float s_weight[kMaxTopk];
   __shared__ unsigned s_dests;
-  const int lane = threadIdx.x % 32, num_topk = a.num_topk, num_ranks = c.num_ranks;
+  const int num_topk = a.num_topk, num_ranks = c.num_ranks;
   const int num_local = a.num_experts / num_ranks;
   const unsigned live = ((1u << num_ranks) - 1) & ~failed;
   const int parity = int(g & 1);
+  LL_STAMP_AFTER(13, pre.entry[0] ^ pre.entry[kSendPre - 1] ^ pre.own_idx);
+  LL_STAMP_AFTER(14, pre.row[0].x ^ pre.row[kSendPre - 1].y);
   if (blockIdx.x == 0) SendHeader(c, a, parity, g, live, pre, s_hist);
+  LL_STAMP(2);
 
   for (int t = blockIdx.x; t < a.num_tokens; t += gridDim.x) {
     const bool first = t == int(blockIdx.x);
@@ -302,25 +343,27 @@ __device__ void DispatchSendPart(const CommArgs& c, const LLDispatchSendArgs& a,
       const int e = first ? pre.own_idx : a.topk_idx[t * num_topk + threadIdx.x];
       s_idx[threadIdx.x] = e >= 0 && e < a.num_experts ? e : -1;
       s_weight[threadIdx.x] = first ? pre.own_weight : a.topk_weights[t * num_topk + threadIdx.x];
-      s_pos[threadIdx.x] = 0;
     }
     if (threadIdx.x == 0) s_dests = 0;
+    for (int e = threadIdx.x; e < a.num_experts; e += blockDim.x) s_hist[e] = 0;
     __syncthreads();
-    const int first_entry = t * num_topk, end = first_entry + num_topk;
-    for (int base = 0, k = 0; base < end; base += blockDim.x, ++k) {  // block-uniform
+    LL_STAMP(11);
+    // The entries before the token's, counted per expert (a histogram: few collisions; the
+    // per-k ballots over them it replaces took ~1.6 us). Position of (t, k) = its expert's
+    // count + the token's earlier entries of that expert.
+    const int first_entry = t * num_topk;
+    for (int base = 0, k = 0; base < first_entry; base += blockDim.x, ++k) {  // block-uniform
       const int i = base + threadIdx.x;
-      const int e = i >= end                  ? -1
+      const int e = i >= first_entry          ? -1
                     : first && k < kSendPre ? (k == 0 ? pre.entry[0] : pre.entry[kSendPre - 1])
                                             : a.topk_idx[i];
-      for (int j = 0; j < num_topk; ++j) {
-        const unsigned m = __ballot_sync(kFull, e >= 0 && e == s_idx[j] && i < first_entry + j);
-        if (lane == 0 && m) atomicAdd(&s_pos[j], __popc(m));
-      }
+      if (e >= 0 && e < a.num_experts) atomicAdd(&s_hist[e], 1);
     }
     if (threadIdx.x < num_topk && s_idx[threadIdx.x] >= 0) {
       atomicOr(&s_dests, 1u << (s_idx[threadIdx.x] / num_local));
     }
     __syncthreads();
+    LL_STAMP(3);
     const unsigned dests = s_dests, sent = dests & live;
     const int slot = DispatchSlot(parity, a.max_tokens, t);
     if (threadIdx.x == 0) a.token_dests[t] = int32_t(dests), a.token_sent[t] = int32_t(sent);
@@ -329,15 +372,20 @@ __device__ void DispatchSendPart(const CommArgs& c, const LLDispatchSendArgs& a,
       if (!((sent >> d) & 1)) continue;
       uint8_t* meta = Slot(c, d, c.rank, slot);
       reinterpret_cast<int*>(meta)[k] = s_idx[k];
-      reinterpret_cast<int*>(meta)[num_topk + k] = s_pos[k];
+      const int e = s_idx[k];
+      int pos = e >= 0 ? s_hist[e] : 0;
+      for (int j = 0; j < k; ++j) pos += e >= 0 && s_idx[j] == e;
+      reinterpret_cast<int*>(meta)[num_topk + k] = pos;
       reinterpret_cast<float*>(meta)[2 * num_topk + k] = s_weight[k];
     }
     SendRow<kFp8>(c, a, t, sent, slot, first ? &pre : nullptr);
+    LL_STAMP(12);
     __syncthreads();  // the block's stores precede the release (cumulativity)
     const int d = threadIdx.x;
     if (d < num_ranks && ((live >> d) & 1)) {
       StoreReleaseTo(SlotFlag(c, d, c.rank, slot), (g << 1) | ((sent >> d) & 1), d == c.rank);
     }
+    LL_STAMP(4);
   }
 }
 
@@ -445,7 +493,10 @@ __device__ __forceinline__ void PlaceRecvTask(const CommArgs& c, const LLDispatc
 // Every block: the sources' headers -> begin(s, j) (rows of sources < s) and totals. Block 0
 // writes the counts, ranges and drops; all blocks fill recv_src past the counts with -1. Warp
 // tasks (source, token, 2 KB chunk): each warp loads its first task before the header work.
-// s_mem: 2 * kMaxExperts + kMaxLocalExperts ints.
+// Task q runs on block q % G, warp q / G % kWarps: consecutive tasks land on different SMs, so
+// the rows' stores spread over every SM (blocks taking tasks in order left the stores of all
+// tokens on the first quarter of the SMs: a 6 us tail). s_mem: 2 * kMaxExperts +
+// kMaxLocalExperts ints.
 __device__ void DispatchRecvPart(const CommArgs& c, const LLDispatchRecvArgs& a, uint64_t g,
                                  int parity, unsigned failed, int* s_mem) {
   int* s_begin = s_mem;                     // [R][L]
@@ -456,21 +507,26 @@ __device__ void DispatchRecvPart(const CommArgs& c, const LLDispatchRecvArgs& a,
   const int num_local = a.num_experts / num_ranks, cap = num_ranks * m_tok;
   const size_t row_bytes = LLRowBytes(a.hidden, a.use_fp8);
   const int num_chunks = int((row_bytes + kRecvChunkBytes - 1) / kRecvChunkBytes);
-  const int gwarp = blockIdx.x * kWarps + threadIdx.x / 32, num_gwarps = gridDim.x * kWarps;
+  const int first_task = int(blockIdx.x) + int(gridDim.x) * (int(threadIdx.x) / 32);
+  const int task_stride = int(gridDim.x) * kWarps;
   const int num_tasks = num_ranks * a.num_tokens * num_chunks;
   RecvTask task;
-  if (gwarp < num_tasks) LoadRecvTask(c, a, g, parity, failed, gwarp, num_chunks, task);
+  if (first_task < num_tasks) LoadRecvTask(c, a, g, parity, failed, first_task, num_chunks, task);
+  LL_STAMP(5);
 
   const int hdr = HeaderSlot(parity, m_tok);
   if (threadIdx.x == 0) s_dropped = 0;
+  const int src = threadIdx.x;  // thread s awaits source s's header for the block
+  if (src < num_ranks && !((failed >> src) & 1)) {
+    WaitAtLeast(SlotFlag(c, me, src, hdr), g << 1, c, kOpLLDispatch, kPhaseCounts, src, src == me);
+  }
+  __syncthreads();  // the acquires precede the block's reads of the counts
   for (int q = threadIdx.x; q < num_ranks * num_local; q += blockDim.x) {
-    const int s = q / num_local;  // each thread awaits the headers it reads (flags hit in L2)
-    if (!((failed >> s) & 1)) {
-      WaitAtLeast(SlotFlag(c, me, s, hdr), g << 1, c, kOpLLDispatch, kPhaseCounts, s, s == me);
-    }
+    const int s = q / num_local;
     s_count[q] = (failed >> s) & 1 ? 0 : LoadStaged<int>(Slot(c, me, s, hdr), q % num_local);
   }
   __syncthreads();
+  LL_STAMP(6);
   for (int j = threadIdx.x; j < num_local; j += blockDim.x) {
     int acc = 0;
     for (int s = 0; s < num_ranks; ++s) {
@@ -488,15 +544,18 @@ __device__ void DispatchRecvPart(const CommArgs& c, const LLDispatchRecvArgs& a,
     }
   }
   __syncthreads();
+  LL_STAMP(7);
   if (blockIdx.x == 0 && threadIdx.x == 0) *a.num_dropped = s_dropped;
   for (size_t q = size_t(blockIdx.x) * blockDim.x + threadIdx.x; q < size_t(num_local) * cap;
        q += size_t(gridDim.x) * blockDim.x) {
     if (int(q % cap) >= min(s_total[q / cap], cap)) a.recv_src[q] = -1;
   }
-  for (int q = gwarp; q < num_tasks; q += num_gwarps) {
-    if (q != gwarp) LoadRecvTask(c, a, g, parity, failed, q, num_chunks, task);
+  LL_STAMP(8);
+  for (int q = first_task; q < num_tasks; q += task_stride) {
+    if (q != first_task) LoadRecvTask(c, a, g, parity, failed, q, num_chunks, task);
     PlaceRecvTask(c, a, parity, num_chunks, s_begin, task);
   }
+  LL_STAMP(9);
 }
 
 constexpr int kRecvSharedInts = 2 * kMaxExperts + kMaxLocalExperts;
@@ -504,30 +563,34 @@ constexpr int kRecvSharedInts = 2 * kMaxExperts + kMaxLocalExperts;
 // A dispatch send's start: the generation (ticket written), every live peer's parity free.
 __device__ inline uint64_t OpenDispatchSend(const CommArgs& c, const LLDispatchSendArgs& a,
                                             unsigned failed) {
-  const uint64_t g = BeginSend(c, kOpD, kOpLLDispatch, failed, threadIdx.x);
+  const uint64_t g = BeginSend(c, kOpD, kOpLLDispatch, failed);
   if (blockIdx.x == 0 && threadIdx.x == 0) a.ticket[0] = int32_t(g), a.ticket[1] = int(g & 1);
-  __syncthreads();
   return g;
 }
 
 template <bool kFp8>
 __global__ void __launch_bounds__(kThreads, 1) LLDispatchSendKernel(CommArgs c, LLDispatchSendArgs a) {
   __shared__ int s_hist[kMaxExperts];
+  LL_STAMP(0);
   const SendPrefetch pre = PrefetchSend<kFp8>(a, blockIdx.x);  // before the waits
   const unsigned failed = FailedBits(a.failed, c.num_ranks, c.rank);
   const uint64_t g = OpenDispatchSend(c, a, failed);
+  LL_STAMP(1);
   DispatchSendPart<kFp8>(c, a, g, failed, pre, s_hist);
   EndSend(c, kOpD, g);
+  LL_STAMP_END(10);
 }
 
 __global__ void __launch_bounds__(kThreads, 1) LLDispatchRecvKernel(CommArgs c, LLDispatchRecvArgs a) {
   __shared__ int s_mem[kRecvSharedInts];
+  LL_STAMP(0);
   const unsigned failed = FailedBits(a.failed, c.num_ranks, c.rank);
   uint64_t g;
   int parity;
   ReadTicket(c, kOpD, kOpLLDispatch, a.ticket, &g, &parity);
   DispatchRecvPart(c, a, g, parity, failed, s_mem);
   EndRecv<false>(c, kOpD, g, failed);
+  LL_STAMP_END(10);
 }
 
 // Both phases in one kernel: every block sends its tokens, then receives (senders never wait
@@ -536,36 +599,32 @@ template <bool kFp8>
 __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(CommArgs c, LLDispatchSendArgs s,
                                                                 LLDispatchRecvArgs r) {
   __shared__ int s_mem[kRecvSharedInts];  // the header histogram, then the receive's tables
+  LL_STAMP(0);
   const SendPrefetch pre = PrefetchSend<kFp8>(s, blockIdx.x);
   const unsigned failed = FailedBits(s.failed, c.num_ranks, c.rank);
   const uint64_t g = OpenDispatchSend(c, s, failed);
+  LL_STAMP(1);
   DispatchSendPart<kFp8>(c, s, g, failed, pre, s_mem);
   __syncthreads();  // s_mem changes role
   DispatchRecvPart(c, r, g, int(g & 1), failed, s_mem);
   EndRecv<true>(c, kOpD, g, failed);
+  LL_STAMP_END(10);
 }
 
 // ------------------------------------------------------------------ combine
 
-// Channels of a combine chunk per lane: kLLPacks packs of 8, 256 apart (coalesced per pack).
-constexpr int kLLPacks = kLLChunk / 256;
+// A combine chunk is kLLChunk = 256 channels: 8 per lane, one 16-byte piece of each row.
+static_assert(kLLChunk == 32 * 8, "a combine chunk is one 16-byte piece per lane");
+using Pack8 = Pack<__nv_bfloat16, 8>;
 
-// acc[u][0, 8) = sum over the set bits i of `from`, in increasing order, of weight_of(i) *
-// row_of(i)[e + 256 u, +8) in float32 (pack u active where active(u)); up to kBatch rows' loads in
-// flight before any is added (a warp's chunk is kLLPacks loads per row and lane: latency, not
-// bandwidth, bounds these small sums). row_of / weight_of may shuffle: the loop is warp-uniform.
-template <typename RowOf, typename WeightOf, typename Active>
+// acc += sum over the set bits i of `from`, in increasing order, of weight_of(i) * row_of(i)[e,
+// e + 8) in float32 (e < hidden: lane active); up to kBatch rows' loads in flight before any is
+// added. row_of / weight_of may shuffle: the loop is warp-uniform.
+template <int kBatch, typename RowOf, typename WeightOf>
 __device__ __forceinline__ void SumLaneRows(unsigned from, RowOf row_of, WeightOf weight_of,
-                                            Active active, int e, float (&acc)[kLLPacks][8]) {
-  constexpr int kBatch = 8;
-  using P = Pack<__nv_bfloat16, 8>;
-#pragma unroll
-  for (int v = 0; v < kLLPacks; ++v) {
-#pragma unroll
-    for (int u = 0; u < 8; ++u) acc[v][u] = 0.f;
-  }
+                                            bool active, int e, float (&acc)[8]) {
   while (from) {
-    P p[kBatch][kLLPacks];
+    Pack8 p[kBatch];
     float w[kBatch];
     int n = 0;
 #pragma unroll
@@ -575,119 +634,170 @@ __device__ __forceinline__ void SumLaneRows(unsigned from, RowOf row_of, WeightO
       from &= from - 1;
       const __nv_bfloat16* row = row_of(i);
       w[b] = weight_of(i);
-#pragma unroll
-      for (int v = 0; v < kLLPacks; ++v) {
-        if (active(v)) p[b][v] = LoadStagedPack<__nv_bfloat16, 8>(row + e + 256 * v);
-      }
+      if (active) p[b] = LoadStagedPack<__nv_bfloat16, 8>(row + e);
       n = b + 1;
     }
 #pragma unroll
     for (int b = 0; b < kBatch; ++b) {
-#pragma unroll
-      for (int v = 0; v < kLLPacks; ++v) {
-        if (b < n && active(v)) Accumulate<__nv_bfloat16, 8>(acc[v], w[b], p[b][v]);
-      }
+      if (b < n && active) Accumulate<__nv_bfloat16, 8>(acc, w[b], p[b]);
     }
   }
 }
 
-__device__ __forceinline__ void StoreLanePacks(__nv_bfloat16* out, int e, int hidden,
-                                               const float (&acc)[kLLPacks][8]) {
-#pragma unroll
-  for (int v = 0; v < kLLPacks; ++v) {
-    if (e + 256 * v < hidden) StoreF32<__nv_bfloat16, 8>(out + e + 256 * v, acc[v]);
+// ------------------------------------------------------------------ combine send
+
+// What a combine-send task needs, lane k < K: token t of s's row here (-1 not here, -2 dropped)
+// and its weight. Inputs of the kernel: the next task's are loaded while a task sums, the
+// warp's first before BeginSend.
+struct CombineMeta {
+  int row;
+  float weight;
+};
+
+__device__ __forceinline__ int CombineSendTasks(const CommArgs& c, const LLCombineSendArgs& a) {
+  return c.num_ranks * a.num_tokens * ((a.hidden + kLLChunk - 1) / kLLChunk);
+}
+
+__device__ __forceinline__ CombineMeta LoadCombineMeta(const CommArgs& c,
+                                                       const LLCombineSendArgs& a, int q) {
+  const int lane = threadIdx.x % 32, num_chunks = (a.hidden + kLLChunk - 1) / kLLChunk;
+  CombineMeta m{-1, 0.f};
+  if (q < CombineSendTasks(c, a) && lane < a.num_topk) {
+    const size_t entry = size_t(q / num_chunks) * a.num_topk + lane;  // (s, t) = q / chunks
+    m.row = __ldg(a.slot_rows + entry);
+    m.weight = __ldg(a.slot_weights + entry);
   }
+  return m;
 }
 
 // Warp tasks (source, token, chunk of kLLChunk channels) on the experts' rank: the weighted sum
 // of the token's rows here (top-k order, float32) as bfloat16 into the source's staging, then
-// the chunk's flag. The caller's BeginSend made each warp wait until the parity is free.
+// the chunk's flag. `meta`: the warp's first task's; BeginSend made the block wait until the
+// parity is free. (Reading the rows is the cost: T=128, H=7168 reads 14.7 MB of expert outputs,
+// measured ~2.2 TB/s whether the loads sit in registers or stream through shared memory.)
 __device__ void CombineSendPart(const CommArgs& c, const LLCombineSendArgs& a, uint64_t g,
-                                unsigned failed) {
-  const int lane = threadIdx.x % 32, num_ranks = c.num_ranks, num_topk = a.num_topk;
-  const int hidden = a.hidden, num_tokens = a.num_tokens, parity = int(g & 1);
+                                unsigned failed, CombineMeta meta) {
+  const int lane = threadIdx.x % 32, hidden = a.hidden, num_tokens = a.num_tokens;
   const __nv_bfloat16* y = reinterpret_cast<const __nv_bfloat16*>(a.y);
-  const int num_chunks = (hidden + kLLChunk - 1) / kLLChunk;
+  const int num_chunks = (hidden + kLLChunk - 1) / kLLChunk, num_tasks = CombineSendTasks(c, a);
   const size_t flags_at = Align16(size_t(hidden) * 2);
   const int gwarp = blockIdx.x * kWarps + threadIdx.x / 32, num_gwarps = gridDim.x * kWarps;
-  for (int q = gwarp; q < num_ranks * num_tokens * num_chunks; q += num_gwarps) {
+  for (int q = gwarp; q < num_tasks; q += num_gwarps) {
+    const CombineMeta m = meta;
+    meta = LoadCombineMeta(c, a, q + num_gwarps);  // in flight meanwhile
     const int s = q / (num_tokens * num_chunks), t = q / num_chunks % num_tokens;
-    const int chunk = q % num_chunks;
+    const int chunk = q % num_chunks, e = chunk * kLLChunk + lane * 8;
     if ((failed >> s) & 1) continue;
-    const size_t entry = (size_t(s) * num_tokens + t) * num_topk;
-    const int row = lane < num_topk ? a.slot_rows[entry + lane] : -1;
-    if (__ballot_sync(kFull, row != -1) == 0) continue;  // token t of s did not come here
-    const float w = lane < num_topk ? a.slot_weights[entry + lane] : 0.f;
-    const int e = chunk * kLLChunk + lane * 8;
-    float acc[kLLPacks][8];
-    SumLaneRows(
-        __ballot_sync(kFull, row >= 0),
-        [&](int k) { return y + size_t(__shfl_sync(kFull, row, k)) * hidden; },
-        [&](int k) { return __shfl_sync(kFull, w, k); },
-        [&](int v) { return e + 256 * v < hidden; }, e, acc);
-    uint8_t* dst = Slot(c, s, c.rank, CombineSlot(parity, a.max_tokens, t));
-    StoreLanePacks(reinterpret_cast<__nv_bfloat16*>(dst), e, hidden, acc);
+    if (__ballot_sync(kFull, m.row != -1) == 0) continue;  // token t of s did not come here
+    float acc[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) acc[u] = 0.f;
+    SumLaneRows<8>(
+        __ballot_sync(kFull, m.row >= 0),
+        [&](int k) { return y + size_t(__shfl_sync(kFull, m.row, k)) * hidden; },
+        [&](int k) { return __shfl_sync(kFull, m.weight, k); }, e < hidden, e, acc);
+    if (q == gwarp) LL_STAMP(5);
+    uint8_t* dst = Slot(c, s, c.rank, CombineSlot(int(g & 1), a.max_tokens, t));
+    if (e < hidden) StoreF32<__nv_bfloat16, 8>(reinterpret_cast<__nv_bfloat16*>(dst) + e, acc);
     __syncwarp();  // the lanes' stores precede lane 0's release (cumulativity)
     if (lane == 0) {
       StoreReleaseTo(reinterpret_cast<uint64_t*>(dst + flags_at) + chunk, g, s == c.rank);
     }
+    if (q == gwarp) LL_STAMP(6);
   }
 }
 
+// ------------------------------------------------------------------ combine receive
+
 // Warp tasks (token, chunk) on the source: the partials of the token's live ranks, summed in
-// rank order (float32) as they land.
+// rank order (float32) as they land. `sent`: token_sent of the warp's first task's token,
+// loaded by the caller (the next one's is loaded while a task runs).
 __device__ void CombineRecvPart(const CommArgs& c, const LLCombineRecvArgs& a, uint64_t g,
-                                int parity, unsigned failed) {
+                                int parity, unsigned failed, int sent) {
   const int lane = threadIdx.x % 32, num_ranks = c.num_ranks, me = c.rank, hidden = a.hidden;
   const int num_chunks = (hidden + kLLChunk - 1) / kLLChunk;
+  const int num_tasks = a.num_tokens * num_chunks;
   const size_t flags_at = Align16(size_t(hidden) * 2);
   const int gwarp = blockIdx.x * kWarps + threadIdx.x / 32, num_gwarps = gridDim.x * kWarps;
-  for (int q = gwarp; q < a.num_tokens * num_chunks; q += num_gwarps) {
+  for (int q = gwarp; q < num_tasks; q += num_gwarps) {
     const int t = q / num_chunks, chunk = q % num_chunks;
-    const unsigned use = unsigned(a.token_sent[t]) & ~failed;
+    const unsigned use = unsigned(sent) & ~failed;
+    const int next = q + num_gwarps;
+    sent = next < num_tasks ? __ldg(a.token_sent + next / num_chunks) : 0;
     const int slot = CombineSlot(parity, a.max_tokens, t);
     if (lane < num_ranks && ((use >> lane) & 1)) {
       WaitAtLeast(reinterpret_cast<const uint64_t*>(Slot(c, me, lane, slot) + flags_at) + chunk,
                   g, c, kOpLLCombine, kPhaseSent, lane, lane == me);
     }
     __syncwarp();
+    if (q == gwarp) LL_STAMP(7);
     const int e = chunk * kLLChunk + lane * 8;
-    float acc[kLLPacks][8];
-    SumLaneRows(
+    float acc[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) acc[u] = 0.f;
+    SumLaneRows<8>(
         use, [&](int d) { return reinterpret_cast<const __nv_bfloat16*>(Slot(c, me, d, slot)); },
-        [](int) { return 1.f; }, [&](int v) { return e + 256 * v < hidden; }, e, acc);
-    StoreLanePacks(reinterpret_cast<__nv_bfloat16*>(a.out) + size_t(t) * hidden, e, hidden, acc);
+        [](int) { return 1.f; }, e < hidden, e, acc);
+    if (e < hidden) {
+      StoreF32<__nv_bfloat16, 8>(reinterpret_cast<__nv_bfloat16*>(a.out) + size_t(t) * hidden + e,
+                                 acc);
+    }
     if (chunk == 0 && lane == 0) a.num_missing[t] = __popc(unsigned(a.token_dests[t]) & ~use);
   }
 }
 
+__device__ __forceinline__ int FirstRecvSent(const LLCombineRecvArgs& a) {
+  const int q = blockIdx.x * kWarps + threadIdx.x / 32;
+  const int num_chunks = (a.hidden + kLLChunk - 1) / kLLChunk;
+  return q < a.num_tokens * num_chunks ? __ldg(a.token_sent + q / num_chunks) : 0;
+}
+
+__device__ __forceinline__ CombineMeta FirstSendMeta(const CommArgs& c,
+                                                     const LLCombineSendArgs& a) {
+  return LoadCombineMeta(c, a, blockIdx.x * kWarps + threadIdx.x / 32);
+}
+
 __global__ void __launch_bounds__(kThreads, 1) LLCombineSendKernel(CommArgs c, LLCombineSendArgs a) {
+  LL_STAMP(0);
+  const CombineMeta meta = FirstSendMeta(c, a);  // before the waits
   const unsigned failed = FailedBits(a.failed, c.num_ranks, c.rank);
-  const uint64_t g = BeginSend(c, kOpC, kOpLLCombine, failed, threadIdx.x % 32);
-  __syncwarp();  // each warp stores only after its own lanes' waits
+  const uint64_t g = BeginSend(c, kOpC, kOpLLCombine, failed);
   if (blockIdx.x == 0 && threadIdx.x == 0) a.ticket[0] = int32_t(g), a.ticket[1] = int(g & 1);
-  CombineSendPart(c, a, g, failed);
+  LL_STAMP(1);
+  CombineSendPart(c, a, g, failed, meta);
+  LL_STAMP(2);
   EndSend(c, kOpC, g);
+  LL_STAMP_END(4);
 }
 
 __global__ void __launch_bounds__(kThreads, 1) LLCombineRecvKernel(CommArgs c, LLCombineRecvArgs a) {
+  LL_STAMP(0);
+  const int sent = FirstRecvSent(a);
   const unsigned failed = FailedBits(a.failed, c.num_ranks, c.rank);
   uint64_t g;
   int parity;
   ReadTicket(c, kOpC, kOpLLCombine, a.ticket, &g, &parity);
-  CombineRecvPart(c, a, g, parity, failed);
+  CombineRecvPart(c, a, g, parity, failed, sent);
+  LL_STAMP(3);
   EndRecv<false>(c, kOpC, g, failed);
+  LL_STAMP_END(4);
 }
 
 __global__ void __launch_bounds__(kThreads, 1) LLCombineKernel(CommArgs c, LLCombineSendArgs s,
                                                                LLCombineRecvArgs r) {
+  LL_STAMP(0);
+  const CombineMeta meta = FirstSendMeta(c, s);
+  const int sent = FirstRecvSent(r);
   const unsigned failed = FailedBits(s.failed, c.num_ranks, c.rank);
-  const uint64_t g = BeginSend(c, kOpC, kOpLLCombine, failed, threadIdx.x % 32);
-  __syncwarp();
+  const uint64_t g = BeginSend(c, kOpC, kOpLLCombine, failed);
   if (blockIdx.x == 0 && threadIdx.x == 0) s.ticket[0] = int32_t(g), s.ticket[1] = int(g & 1);
-  CombineSendPart(c, s, g, failed);
-  CombineRecvPart(c, r, g, int(g & 1), failed);
+  LL_STAMP(1);
+  CombineSendPart(c, s, g, failed, meta);
+  LL_STAMP(2);
+  CombineRecvPart(c, r, g, int(g & 1), failed, sent);
+  LL_STAMP(3);
   EndRecv<true>(c, kOpC, g, failed);
+  LL_STAMP_END(4);
 }
 
 int Grid(const CommArgs& c, int work) { return max(1, min(work, c.num_blocks)); }
