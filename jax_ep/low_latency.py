@@ -28,6 +28,7 @@ These ops are for inference: they have no gradient (jax.grad raises).
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Optional
 
 import jax
@@ -72,8 +73,10 @@ def _config(buffer: Buffer, num_tokens: int, hidden: int, num_topk: int, num_exp
                          f"made for {buffer.num_ranks}")
     if num_ranks > MAX_RANKS:
         raise ValueError(f"low-latency ops support up to {MAX_RANKS} ranks, got {num_ranks}")
-    if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
+    if isinstance(num_experts, bool) or not isinstance(num_experts, numbers.Integral) \
+            or num_experts < 1:
         raise TypeError(f"num_experts must be a positive int, got {num_experts!r}")
+    num_experts = int(num_experts)  # numpy integers too (as jax_ep.dispatch)
     if num_experts % num_ranks or num_experts // num_ranks > MAX_LOCAL_EXPERTS:
         raise ValueError(f"num_experts ({num_experts}) must be a multiple of the {num_ranks} "
                          f"ranks with at most {MAX_LOCAL_EXPERTS} per rank")

@@ -226,6 +226,10 @@ def test_ll_argument_errors():
             call(buf, x=jnp.ones((4, 128), jnp.float32), num_experts=2)
         with pytest.raises(TypeError, match="num_experts"):
             call(buf, num_experts=None)
+        with pytest.raises(TypeError, match="num_experts"):
+            call(buf, num_experts=2.0)
+        # numpy integers are integers (as in jax_ep.dispatch)
+        np.testing.assert_array_equal(call(buf, num_experts=np.int64(2)), call(buf, num_experts=2))
         with pytest.raises(ValueError, match="failed_ranks"):
             call(buf, num_experts=2, failed_ranks=jnp.zeros((3,), jnp.int32))
 
