@@ -69,7 +69,7 @@ std::vector<Rank> Setup(const Options& o, std::mt19937& rng) {
   const int L = E / R;
   const size_t slots = LLSlotsPerRank(M);
   const size_t slot_bytes = Align16(std::max({LLDispatchSlotBytes(K, H, o.fp8),
-                                              LLCombineSlotBytes(H), size_t(L) * 4}));
+                                              LLCombineSlotBytes(H), size_t(L) * 8}));
   const size_t flags_bytes = (kMaxRanks * slots * 8 + 255) / 256 * 256;
   const size_t ws_bytes = kSignalBytes + flags_bytes + kMaxRanks * slots * slot_bytes;
   ErrorRecord* err = nullptr;

@@ -49,10 +49,10 @@ LL_MAX_LOCAL_EXPERTS = 1024  # xla_ffi/common/comm.h kMaxLocalExperts
 def ll_slot_bytes_for(hidden: int, num_topk: int) -> int:
     """Staging slot of the low-latency workspace: a dispatched token (routing metadata, a
     bfloat16 row, FP8 scales), a combined partial row with its chunk flags, or a header of
-    per-expert counts."""
+    per-expert counts (one 8-byte word each)."""
     dispatch = _align16(num_topk * 12) + _align16(hidden * 2) + _align16(-(-hidden // 128) * 4)
     combine = _align16(hidden * 2) + _align16(-(-hidden // LL_CHUNK) * 8)
-    return max(dispatch, combine, 4 * LL_MAX_LOCAL_EXPERTS)
+    return max(dispatch, combine, 8 * LL_MAX_LOCAL_EXPERTS)
 
 
 def ll_slots_for(max_tokens: int) -> int:

@@ -9,7 +9,7 @@ namespace {
 
 constexpr int kOpD = 0, kOpC = 1;        // index of an op in the control block
 constexpr int kSend = 0, kRecv = 1;      // index of a phase's completion counter
-constexpr int kRecvChunkBytes = 2048;    // bytes of a dispatched row one warp task copies
+constexpr int kRecvChunkBytes = 1024;    // bytes of a dispatched row one warp task copies
 constexpr float kFp8Max = 448.f;         // largest finite e4m3
 constexpr float kFp8MinAmax = 1e-4f;     // floor of a group's amax (jax_ep/backends/xla_ll.py)
 constexpr float kFp8InvMax = 1.f / 448.f;  // scale = amax * this (as the reference backend)
@@ -202,14 +202,15 @@ struct SendPrefetch {
   float own_weight;
 };
 
-// The k-th 16-byte piece of a row this thread handles, or -1: FP8, half-warps take 128-channel
-// groups (16 pieces each); bfloat16, the block strides over the row.
+// The k-th 16-byte piece of a row this thread handles, or -1: FP8, 8 lanes take a 128-channel
+// group (16 pieces, 2 adjacent ones per lane; the block covers kFp8Groups groups per round);
+// bfloat16, the block strides over the row.
+constexpr int kFp8Groups = kThreads / 8;
 template <bool kFp8>
 __device__ __forceinline__ int RowPiece(int k, int hidden) {
   if constexpr (kFp8) {
-    const int tid = int(threadIdx.x);
-    const int grp = tid / 32 * 2 + tid % 32 / 16 + k * kWarps * 2;
-    return grp < hidden / 128 ? grp * 16 + tid % 16 : -1;
+    const int tid = int(threadIdx.x), grp = tid / 8 + k / 2 * kFp8Groups;
+    return grp < hidden / 128 ? grp * 16 + tid % 8 * 2 + k % 2 : -1;
   } else {
     const int i = int(threadIdx.x) + k * kThreads;
     return i < hidden / 8 ? i : -1;
@@ -235,7 +236,28 @@ __device__ __forceinline__ SendPrefetch PrefetchSend(const LLDispatchSendArgs& a
   return p;
 }
 
-// Block 0: per destination, the counts of its local experts among this rank's entries.
+// A header word: a count tagged with the generation's low 32 bits. The receiver polls the words
+// themselves (8-byte stores are single-copy atomic): one round trip, where a flag and then the
+// counts behind it took two.
+__device__ __forceinline__ uint64_t HeaderWord(uint64_t g, int count) {
+  return (uint64_t(uint32_t(g)) << 32) | uint32_t(count);
+}
+
+// The count in header word `word` of source s once it carries generation g (bounded wait).
+__device__ inline int WaitHeaderCount(const CommArgs& c, const uint64_t* word, uint64_t g, int s) {
+  const volatile uint64_t* w = word;
+  uint64_t v = *w;
+  if (uint32_t(v >> 32) != uint32_t(g)) {
+    const uint64_t start = GlobalTimerNs();
+    while (uint32_t((v = *w) >> 32) != uint32_t(g)) {
+      if (GlobalTimerNs() - start > c.timeout_ns) ReportAndTrap(c, kOpLLDispatch, kPhaseCounts, s, g);
+    }
+  }
+  return int(uint32_t(v));
+}
+
+// Block 0: per destination, the counts of its local experts among this rank's entries, as
+// header words.
 __device__ void SendHeader(const CommArgs& c, const LLDispatchSendArgs& a, int parity, uint64_t g,
                            unsigned sendable, const SendPrefetch& pre, int* s_hist) {
   const int num_local = a.num_experts / c.num_ranks;
@@ -249,19 +271,15 @@ __device__ void SendHeader(const CommArgs& c, const LLDispatchSendArgs& a, int p
   for (int q = threadIdx.x; q < c.num_ranks * num_local; q += blockDim.x) {
     const int d = q / num_local, j = q % num_local;
     if ((sendable >> d) & 1) {
-      reinterpret_cast<int*>(Slot(c, d, c.rank, HeaderSlot(parity, a.max_tokens)))[j] = s_hist[q];
+      volatile uint64_t* words = reinterpret_cast<uint64_t*>(
+          Slot(c, d, c.rank, HeaderSlot(parity, a.max_tokens)));
+      words[j] = HeaderWord(g, s_hist[q]);
     }
-  }
-  __syncthreads();  // the block's stores precede the release (cumulativity)
-  const int d = threadIdx.x;
-  if (d < c.num_ranks && ((sendable >> d) & 1)) {
-    StoreReleaseTo(SlotFlag(c, d, c.rank, HeaderSlot(parity, a.max_tokens)), (g << 1) | 1,
-                   d == c.rank);
   }
 }
 
-// Row t of x to every destination in `sent`: FP8 (a half-warp per 128-channel group: amax,
-// scale, e4m3 with saturation) or the bfloat16 row as is. pre: the block's prefetch, or null.
+// Row t of x to every destination in `sent`: FP8 (8 lanes per 128-channel group: amax, scale,
+// e4m3 with saturation) or the bfloat16 row as is. pre: the block's prefetch, or null.
 template <bool kFp8>
 __device__ void SendRow(const CommArgs& c, const LLDispatchSendArgs& a, int t, unsigned sent,
                         int slot, const SendPrefetch* pre) {
@@ -273,35 +291,39 @@ __device__ void SendRow(const CommArgs& c, const LLDispatchSendArgs& a, int t, u
     return piece >= 0 ? __ldg(row + piece) : make_int4(0, 0, 0, 0);
   };
   if constexpr (kFp8) {
-    const int num_groups = a.hidden / 128, half = lane / 16, sub = lane % 16;
+    // One round for H <= 8192: a lane's chain is one amax, one division, 8 conversions (with
+    // half-warps per group it was two rounds of each: ~1.5 us of latency).
+    const int num_groups = a.hidden / 128, sub = lane % 8;
     const size_t scales_at = meta + Align16(size_t(a.hidden));
-    for (int k = 0; warp * 2 + k * kWarps * 2 < num_groups; ++k) {  // warp-uniform
-      const int grp = warp * 2 + k * kWarps * 2 + half;
+    for (int k = 0; warp * 4 + k / 2 * kFp8Groups < num_groups; k += 2) {  // warp-uniform
+      const int grp = int(threadIdx.x) / 8 + k / 2 * kFp8Groups;
       const bool active = grp < num_groups;
-      const int4 raw = piece_at(k, active ? grp * 16 + sub : -1);
-      float f[8];
+      const int4 raw0 = piece_at(k, active ? grp * 16 + sub * 2 : -1);
+      const int4 raw1 = piece_at(k + 1, active ? grp * 16 + sub * 2 + 1 : -1);
+      float f[16];
       float amax = 0.f;
       if (active) {
-        Unpack8(raw, f);
+        Unpack8(raw0, reinterpret_cast<float(&)[8]>(f[0]));
+        Unpack8(raw1, reinterpret_cast<float(&)[8]>(f[8]));
 #pragma unroll
-        for (int u = 0; u < 8; ++u) amax = fmaxf(amax, fabsf(f[u]));
+        for (int u = 0; u < 16; ++u) amax = fmaxf(amax, fabsf(f[u]));
       }
 #pragma unroll
-      for (int m = 8; m >= 1; m /= 2) amax = fmaxf(amax, __shfl_xor_sync(kFull, amax, m));
+      for (int m = 4; m >= 1; m /= 2) amax = fmaxf(amax, __shfl_xor_sync(kFull, amax, m));
       if (!active) continue;
       amax = fmaxf(amax, kFp8MinAmax);
       const float inv = __fdiv_rn(kFp8Max, amax), scale = __fmul_rn(amax, kFp8InvMax);
-      uint2 q;
+      uint4 q;
       uint16_t* q16 = reinterpret_cast<uint16_t*>(&q);
 #pragma unroll
-      for (int u = 0; u < 4; ++u) {
+      for (int u = 0; u < 8; ++u) {
         q16[u] = __nv_cvt_float2_to_fp8x2(
             make_float2(__fmul_rn(f[2 * u], inv), __fmul_rn(f[2 * u + 1], inv)), __NV_SATFINITE,
             __NV_E4M3);
       }
       for (unsigned m = sent; m; m &= m - 1) {
         uint8_t* dst = Slot(c, __ffs(m) - 1, c.rank, slot);
-        reinterpret_cast<uint2*>(dst + meta)[grp * 16 + sub] = q;
+        reinterpret_cast<uint4*>(dst + meta)[grp * 8 + sub] = q;
         if (sub == 0) reinterpret_cast<float*>(dst + scales_at)[grp] = scale;
       }
     }
@@ -516,14 +538,10 @@ __device__ void DispatchRecvPart(const CommArgs& c, const LLDispatchRecvArgs& a,
 
   const int hdr = HeaderSlot(parity, m_tok);
   if (threadIdx.x == 0) s_dropped = 0;
-  const int src = threadIdx.x;  // thread s awaits source s's header for the block
-  if (src < num_ranks && !((failed >> src) & 1)) {
-    WaitAtLeast(SlotFlag(c, me, src, hdr), g << 1, c, kOpLLDispatch, kPhaseCounts, src, src == me);
-  }
-  __syncthreads();  // the acquires precede the block's reads of the counts
   for (int q = threadIdx.x; q < num_ranks * num_local; q += blockDim.x) {
     const int s = q / num_local;
-    s_count[q] = (failed >> s) & 1 ? 0 : LoadStaged<int>(Slot(c, me, s, hdr), q % num_local);
+    const uint64_t* words = reinterpret_cast<const uint64_t*>(Slot(c, me, s, hdr));
+    s_count[q] = (failed >> s) & 1 ? 0 : WaitHeaderCount(c, words + q % num_local, g, s);
   }
   __syncthreads();
   LL_STAMP(6);

@@ -9,7 +9,8 @@
 // workspace, per parity p; M = max tokens):
 //   [p * (M + 1) + t]        dispatch: token t of s (metadata, row, FP8 scales); its arrival
 //                            flag is (g << 1) | present, raised for every token (absent ones too)
-//   [p * (M + 1) + M]        dispatch header: s's counts of the receiver's local experts
+//   [p * (M + 1) + M]        dispatch header: s's counts of the receiver's local experts, one
+//                            u64 word each, (g & 0xffffffff) << 32 | count (no flag)
 //   [2 * (M + 1) + p * M + t] combine: the partial sum for token t, chunked; each chunk carries
 //                            its own flag (g) after the row, so warps stream chunks as they land
 // Before a sender overwrites parity p of a peer it waits until that peer has received

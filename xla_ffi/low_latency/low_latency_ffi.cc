@@ -50,7 +50,7 @@ ffi::Error Lookup(int64_t workspace_id, int32_t device, const Shape& s, Workspac
   }
   const size_t need = std::max({LLDispatchSlotBytes(int(s.num_topk), int(s.hidden), s.use_fp8),
                                 LLCombineSlotBytes(int(s.hidden)),
-                                size_t(s.num_experts / num_ranks) * 4});
+                                size_t(s.num_experts / num_ranks) * 8});  // header words
   if (need > (*ws)->config().slot_bytes ||
       LLSlotsPerRank(int(s.max_tokens)) > (*ws)->config().slots_per_rank) {
     return Invalid("this call needs " + std::to_string(LLSlotsPerRank(int(s.max_tokens))) +
