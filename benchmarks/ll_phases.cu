@@ -137,7 +137,7 @@ std::vector<Rank> Setup(const Options& o, std::mt19937& rng) {
     const size_t cap = size_t(R) * M;
     k.dsend = LLDispatchSendArgs{d_x, d_idx, d_w, failed, T, H, K, E, M, o.fp8, ticket, dests, sent};
     LLDispatchRecvArgs& dr = k.drecv;
-    dr.ticket = ticket, dr.failed = failed;
+    dr.ticket = ticket, dr.failed = failed, dr.x = d_x, dr.topk_idx = d_idx, dr.topk_weights = d_w;
     dr.num_tokens = T, dr.hidden = H, dr.num_topk = K, dr.num_experts = E, dr.max_tokens = M;
     dr.use_fp8 = o.fp8;
     dr.recv_x = Alloc<uint8_t>(L * cap * LLRowBytes(H, o.fp8));
@@ -148,8 +148,8 @@ std::vector<Rank> Setup(const Options& o, std::mt19937& rng) {
     dr.num_dropped = Alloc<int32_t>(1);
     dr.slot_rows = slot_rows, dr.slot_weights = slot_weights;
     k.csend = LLCombineSendArgs{d_y, slot_rows, slot_weights, failed, T, H, K, M, ticket_c};
-    k.crecv = LLCombineRecvArgs{ticket_c, dests, sent, failed, T, H, M,
-                                Alloc<uint16_t>(size_t(T) * H), Alloc<int32_t>(T)};
+    k.crecv = LLCombineRecvArgs{ticket_c, d_y, slot_rows, slot_weights, dests, sent, failed,
+                                T, H, K, M, Alloc<uint16_t>(size_t(T) * H), Alloc<int32_t>(T)};
   }
   CHECK(cudaDeviceSynchronize());
   return ranks;

@@ -171,7 +171,10 @@ class LowLatencyPending:
       failed_ranks: [R] int32 mask the send ran with (non-zero = skipped rank).
       handle: the dispatch's LowLatencyHandle (combine only; for dispatch the partial handle of
         the source side: token_dests / token_sent).
-      blocks: backend "xla" only: the exchanged arrays the receive lays out; None for "cuda".
+      blocks: what the receive reads besides the staging: backend "xla", the exchanged arrays
+        it lays out; "cuda" combine, {"y": the expert outputs} (a rank's own partials are summed
+        by the receive, never staged); "cuda" dispatch, {"x", "topk_idx", "topk_weights"} of the
+        send (its own tokens are placed by the receive).
     """
 
     config: LowLatencyConfig

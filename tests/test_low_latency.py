@@ -332,7 +332,7 @@ def body(x, idx, w):
     if mode == "recv_without_send":
         p = ll.dispatch_send(buf, x, idx, w, num_experts=2)
         fake = LowLatencyPending(p.config, p.ticket + jnp.array([2, 0], jnp.int32),
-                                 p.failed_ranks, p.handle)
+                                 p.failed_ranks, p.handle, p.blocks)
         return ll.dispatch_recv(buf, fake).recv_count
     a = ll.dispatch_send(buf, x, idx, w, num_experts=2)
     a, x2 = ll.tie(a, x * 2)

@@ -37,7 +37,9 @@ def dispatch_send(cfg: LowLatencyConfig, x, topk_idx, topk_weights, failed) -> L
         _like(x, (2,), jnp.int32), _like(x, (t,), jnp.int32), _like(x, (t,), jnp.int32)))(
         x, topk_idx, topk_weights, failed, **_attrs(cfg))
     handle = LowLatencyHandle(cfg, None, None, token_dests, token_sent)
-    return LowLatencyPending(cfg, ticket, failed, handle)
+    # The receive places this rank's own tokens straight from x (they are never staged).
+    return LowLatencyPending(cfg, ticket, failed, handle,
+                             dict(x=x, topk_idx=topk_idx, topk_weights=topk_weights))
 
 
 def _recv_types(cfg: LowLatencyConfig, ref):
@@ -68,7 +70,8 @@ def _dispatch_result(cfg, outs, token_dests, token_sent) -> LowLatencyDispatchRe
 
 def dispatch_recv(cfg: LowLatencyConfig, pending: LowLatencyPending) -> LowLatencyDispatchResult:
     outs = _call("jax_ep_ll_dispatch_recv", _recv_types(cfg, pending.ticket))(
-        pending.ticket, pending.failed_ranks, num_tokens=np.int64(cfg.num_tokens),
+        pending.ticket, pending.blocks["x"], pending.blocks["topk_idx"],
+        pending.blocks["topk_weights"], pending.failed_ranks, num_tokens=np.int64(cfg.num_tokens),
         hidden=np.int64(cfg.hidden), num_topk=np.int64(cfg.num_topk), **_attrs(cfg))
     return _dispatch_result(cfg, outs, pending.handle.token_dests, pending.handle.token_sent)
 
@@ -85,7 +88,8 @@ def dispatch(cfg: LowLatencyConfig, x, topk_idx, topk_weights, failed) -> LowLat
 def combine_send(cfg: LowLatencyConfig, y, handle: LowLatencyHandle, failed) -> LowLatencyPending:
     ticket = _call("jax_ep_ll_combine_send", _like(y, (2,), jnp.int32))(
         y, handle.slot_rows, handle.slot_weights, failed, **_attrs(cfg))
-    return LowLatencyPending(cfg, ticket, failed, handle)
+    # The receive sums this rank's own partials from y (they are never staged).
+    return LowLatencyPending(cfg, ticket, failed, handle, dict(y=y))
 
 
 def combine_recv(cfg: LowLatencyConfig, pending: LowLatencyPending) -> LowLatencyCombineResult:
@@ -93,7 +97,8 @@ def combine_recv(cfg: LowLatencyConfig, pending: LowLatencyPending) -> LowLatenc
     ref = pending.ticket
     out, num_missing = _call("jax_ep_ll_combine_recv", (
         _like(ref, (t, h), jnp.bfloat16), _like(ref, (t,), jnp.int32)))(
-        pending.ticket, pending.handle.token_dests, pending.handle.token_sent,
+        pending.ticket, pending.blocks["y"], pending.handle.slot_rows,
+        pending.handle.slot_weights, pending.handle.token_dests, pending.handle.token_sent,
         pending.failed_ranks, num_topk=np.int64(cfg.num_topk), **_attrs(cfg))
     return LowLatencyCombineResult(out, num_missing)
 

@@ -85,6 +85,7 @@ __device__ __forceinline__ unsigned FailedBits(const int32_t* failed, int num_ra
 __device__ inline bool LastBlock(unsigned* counter) {
   __shared__ bool s_last;
   __syncthreads();  // the block's work precedes its arrival
+  if (gridDim.x == 1) return true;
   if (threadIdx.x == 0) {
     s_last = atomicAdd(counter, 1u) == gridDim.x - 1;
     if (s_last) atomicExch(counter, 0u);
@@ -197,7 +198,7 @@ __device__ __forceinline__ void Unpack8(const int4& raw, float (&f)[8]) {
 constexpr int kSendPre = 2;
 struct SendPrefetch {
   int4 row[kSendPre];
-  int entry[kSendPre];  // topk_idx[k * kThreads + thread] (block 0: all T * K, for the header)
+  int entry[kSendPre];  // topk_idx[k * kThreads + thread] (< T * K)
   int own_idx;          // thread < K: entry thread of the token, and its weight
   float own_weight;
 };
@@ -222,7 +223,7 @@ __device__ __forceinline__ SendPrefetch PrefetchSend(const LLDispatchSendArgs& a
   SendPrefetch p;
   const bool has = t < a.num_tokens;
   const int4* row = reinterpret_cast<const int4*>(a.x + size_t(t) * a.hidden);
-  const int end = blockIdx.x == 0 ? a.num_tokens * a.num_topk : has ? (t + 1) * a.num_topk : 0;
+  const int end = a.num_tokens * a.num_topk;  // every block counts them all (own counts)
 #pragma unroll
   for (int k = 0; k < kSendPre; ++k) {
     const int piece = has ? RowPiece<kFp8>(k, a.hidden) : -1;
@@ -256,11 +257,9 @@ __device__ inline int WaitHeaderCount(const CommArgs& c, const uint64_t* word, u
   return int(uint32_t(v));
 }
 
-// Block 0: per destination, the counts of its local experts among this rank's entries, as
-// header words.
-__device__ void SendHeader(const CommArgs& c, const LLDispatchSendArgs& a, int parity, uint64_t g,
-                           unsigned sendable, const SendPrefetch& pre, int* s_hist) {
-  const int num_local = a.num_experts / c.num_ranks;
+// Counts per expert of this rank's entries into s_hist [E] (entries of the prefetch where it
+// holds them: every block prefetches all T * K entries' first 2 * kThreads).
+__device__ void CountEntries(const LLDispatchSendArgs& a, const SendPrefetch& pre, int* s_hist) {
   for (int e = threadIdx.x; e < a.num_experts; e += blockDim.x) s_hist[e] = 0;
   __syncthreads();
   for (int i = threadIdx.x, k = 0; i < a.num_tokens * a.num_topk; i += blockDim.x, ++k) {
@@ -268,6 +267,14 @@ __device__ void SendHeader(const CommArgs& c, const LLDispatchSendArgs& a, int p
     if (e >= 0 && e < a.num_experts) atomicAdd(&s_hist[e], 1);
   }
   __syncthreads();
+}
+
+// Block 0: per remote destination in `sendable`, the counts of its local experts among this
+// rank's entries, as header words (this rank's own counts never travel: its receive counts them).
+__device__ void SendHeader(const CommArgs& c, const LLDispatchSendArgs& a, int parity, uint64_t g,
+                           unsigned sendable, const SendPrefetch& pre, int* s_hist) {
+  const int num_local = a.num_experts / c.num_ranks;
+  CountEntries(a, pre, s_hist);
   for (int q = threadIdx.x; q < c.num_ranks * num_local; q += blockDim.x) {
     const int d = q / num_local, j = q % num_local;
     if ((sendable >> d) & 1) {
@@ -278,13 +285,19 @@ __device__ void SendHeader(const CommArgs& c, const LLDispatchSendArgs& a, int p
   }
 }
 
-// Row t of x to every destination in `sent`: FP8 (8 lanes per 128-channel group: amax, scale,
-// e4m3 with saturation) or the bfloat16 row as is. pre: the block's prefetch, or null.
-template <bool kFp8>
-__device__ void SendRow(const CommArgs& c, const LLDispatchSendArgs& a, int t, unsigned sent,
-                        int slot, const SendPrefetch* pre) {
+// Where WriteRow puts a row: its e4m3 / bfloat16 bytes and (FP8) its per-128-channel scales.
+struct RowDst {
+  uint8_t* row;
+  float* scales;
+};
+
+// Row t of x to the destinations i in `mask` (dst_of(i)): FP8 (8 lanes per 128-channel group:
+// amax, scale, e4m3 with saturation) or the bfloat16 row as is. pre: the block's prefetch, or
+// null.
+template <bool kFp8, typename DstOf>
+__device__ void WriteRow(const LLDispatchSendArgs& a, int t, unsigned mask, DstOf dst_of,
+                         const SendPrefetch* pre) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const size_t meta = LLMetaBytes(a.num_topk);
   const int4* row = reinterpret_cast<const int4*>(a.x + size_t(t) * a.hidden);
   auto piece_at = [&](int k, int piece) {
     if (pre != nullptr && k < kSendPre) return k == 0 ? pre->row[0] : pre->row[kSendPre - 1];
@@ -294,7 +307,6 @@ __device__ void SendRow(const CommArgs& c, const LLDispatchSendArgs& a, int t, u
     // One round for H <= 8192: a lane's chain is one amax, one division, 8 conversions (with
     // half-warps per group it was two rounds of each: ~1.5 us of latency).
     const int num_groups = a.hidden / 128, sub = lane % 8;
-    const size_t scales_at = meta + Align16(size_t(a.hidden));
     for (int k = 0; warp * 4 + k / 2 * kFp8Groups < num_groups; k += 2) {  // warp-uniform
       const int grp = int(threadIdx.x) / 8 + k / 2 * kFp8Groups;
       const bool active = grp < num_groups;
@@ -321,10 +333,10 @@ __device__ void SendRow(const CommArgs& c, const LLDispatchSendArgs& a, int t, u
             make_float2(__fmul_rn(f[2 * u], inv), __fmul_rn(f[2 * u + 1], inv)), __NV_SATFINITE,
             __NV_E4M3);
       }
-      for (unsigned m = sent; m; m &= m - 1) {
-        uint8_t* dst = Slot(c, __ffs(m) - 1, c.rank, slot);
-        reinterpret_cast<uint4*>(dst + meta)[grp * 8 + sub] = q;
-        if (sub == 0) reinterpret_cast<float*>(dst + scales_at)[grp] = scale;
+      for (unsigned m = mask; m; m &= m - 1) {
+        const RowDst dst = dst_of(__ffs(m) - 1);
+        reinterpret_cast<uint4*>(dst.row)[grp * 8 + sub] = q;
+        if (sub == 0) dst.scales[grp] = scale;
       }
     }
   } else {
@@ -332,88 +344,207 @@ __device__ void SendRow(const CommArgs& c, const LLDispatchSendArgs& a, int t, u
       const int i = int(threadIdx.x) + k * kThreads;
       const int4 v = piece_at(k, i < a.hidden / 8 ? i : -1);
       if (i >= a.hidden / 8) continue;
-      for (unsigned m = sent; m; m &= m - 1) {
-        reinterpret_cast<int4*>(Slot(c, __ffs(m) - 1, c.rank, slot) + meta)[i] = v;
-      }
+      for (unsigned m = mask; m; m &= m - 1) reinterpret_cast<int4*>(dst_of(__ffs(m) - 1).row)[i] = v;
     }
   }
 }
 
-// A block per token (grid-stride): the rank of each entry among this rank's entries of its
-// expert (counted over the entries before it), the destination ranks, then metadata and row to
-// each of them, then every live destination's arrival flag (absent tokens too). Block 0 first
-// sends the header. The caller has waited until parity g & 1 is free at every live peer.
+// A token's entries in shared memory: s_idx / s_weight [K] (ids outside [0, E) as -1) and the
+// ranks holding its experts (dests). CountEntriesBefore then counts per expert the rank's
+// entries before the token's (a histogram: few collisions; the per-k ballots it replaced took
+// ~1.6 us); EntryPosition gives the rank of (t, k) among the entries of its expert.
+struct TokenShared {
+  int idx[kMaxTopk];
+  float weight[kMaxTopk];
+  unsigned dests;
+};
+
+__device__ void LoadToken(const LLDispatchSendArgs& a, int t, bool first, const SendPrefetch& pre,
+                          int num_local, TokenShared& s) {
+  __syncthreads();  // the previous token's shared state is no longer read
+  if (threadIdx.x == 0) s.dests = 0;
+  __syncthreads();
+  if (threadIdx.x < a.num_topk) {
+    int e = first ? pre.own_idx : a.topk_idx[t * a.num_topk + threadIdx.x];
+    e = e >= 0 && e < a.num_experts ? e : -1;
+    s.idx[threadIdx.x] = e;
+    s.weight[threadIdx.x] =
+        first ? pre.own_weight : a.topk_weights[t * a.num_topk + threadIdx.x];
+    if (e >= 0) atomicOr(&s.dests, 1u << (e / num_local));
+  }
+  __syncthreads();
+}
+
+// s_hist[e - lo] for the experts e in [lo, lo + n).
+__device__ void CountEntriesBefore(const LLDispatchSendArgs& a, int t, bool first,
+                                   const SendPrefetch& pre, int lo, int n, int* s_hist) {
+  for (int e = threadIdx.x; e < n; e += blockDim.x) s_hist[e] = 0;
+  __syncthreads();
+  const int first_entry = t * a.num_topk;
+  for (int base = 0, k = 0; base < first_entry; base += blockDim.x, ++k) {  // block-uniform
+    const int i = base + threadIdx.x;
+    const int e = i >= first_entry          ? -1
+                  : first && k < kSendPre ? (k == 0 ? pre.entry[0] : pre.entry[kSendPre - 1])
+                                          : a.topk_idx[i];
+    if (e >= lo && e < lo + n) atomicAdd(&s_hist[e - lo], 1);
+  }
+  __syncthreads();
+}
+
+// Entry k of the token has an expert in [lo, lo + n) (CountEntriesBefore's range).
+__device__ __forceinline__ int EntryPosition(const TokenShared& s, const int* s_hist, int lo,
+                                             int k) {
+  const int e = s.idx[k];
+  int pos = s_hist[e - lo];
+  for (int j = 0; j < k; ++j) pos += e >= 0 && s.idx[j] == e;
+  return pos;
+}
+
+// A block per token (grid-stride): the destination ranks (token_dests / token_sent); to every
+// remote one the metadata (experts, their positions, weights) and the row, then every live
+// remote destination's arrival flag (absent tokens too). This rank's own entries are left to its
+// receive (PlaceOwnTokens). Block 0 first sends the header. The caller has waited until parity
+// g & 1 is free at every live peer.
 template <bool kFp8>
 __device__ void DispatchSendPart(const CommArgs& c, const LLDispatchSendArgs& a, uint64_t g,
                                  unsigned failed, const SendPrefetch& pre, int* s_hist) {
-  __shared__ int s_idx[kMaxTopk];
-  __shared__ float s_weight[kMaxTopk];
-  __shared__ unsigned s_dests;
+  __shared__ TokenShared s_tok;
   const int num_topk = a.num_topk, num_ranks = c.num_ranks;
   const int num_local = a.num_experts / num_ranks;
-  const unsigned live = ((1u << num_ranks) - 1) & ~failed;
+  const unsigned live = ((1u << num_ranks) - 1) & ~failed, remote = live & ~(1u << c.rank);
   const int parity = int(g & 1);
+  const size_t meta_bytes = LLMetaBytes(num_topk);
+  const size_t scales_at = meta_bytes + Align16(LLRowBytes(a.hidden, kFp8));
+  if (remote == 0) {  // nothing to stage (EP1): the destinations only, a thread per token
+    for (int t = blockIdx.x * blockDim.x + threadIdx.x; t < a.num_tokens;
+         t += gridDim.x * blockDim.x) {
+      unsigned dests = 0;
+      for (int k = 0; k < num_topk; ++k) {
+        const int e = __ldg(a.topk_idx + t * num_topk + k);
+        if (e >= 0 && e < a.num_experts) dests |= 1u << (e / num_local);
+      }
+      a.token_dests[t] = int32_t(dests), a.token_sent[t] = int32_t(dests & live);
+    }
+    return;
+  }
   LL_STAMP_AFTER(13, pre.entry[0] ^ pre.entry[kSendPre - 1] ^ pre.own_idx);
-  LL_STAMP_AFTER(14, pre.row[0].x ^ pre.row[kSendPre - 1].y);
-  if (blockIdx.x == 0) SendHeader(c, a, parity, g, live, pre, s_hist);
+  if (blockIdx.x == 0) SendHeader(c, a, parity, g, remote, pre, s_hist);
   LL_STAMP(2);
-
   for (int t = blockIdx.x; t < a.num_tokens; t += gridDim.x) {
     const bool first = t == int(blockIdx.x);
-    __syncthreads();  // the previous token's shared state is no longer read
-    if (threadIdx.x < num_topk) {
-      const int e = first ? pre.own_idx : a.topk_idx[t * num_topk + threadIdx.x];
-      s_idx[threadIdx.x] = e >= 0 && e < a.num_experts ? e : -1;
-      s_weight[threadIdx.x] = first ? pre.own_weight : a.topk_weights[t * num_topk + threadIdx.x];
-    }
-    if (threadIdx.x == 0) s_dests = 0;
-    for (int e = threadIdx.x; e < a.num_experts; e += blockDim.x) s_hist[e] = 0;
-    __syncthreads();
-    LL_STAMP(11);
-    // The entries before the token's, counted per expert (a histogram: few collisions; the
-    // per-k ballots over them it replaces took ~1.6 us). Position of (t, k) = its expert's
-    // count + the token's earlier entries of that expert.
-    const int first_entry = t * num_topk;
-    for (int base = 0, k = 0; base < first_entry; base += blockDim.x, ++k) {  // block-uniform
-      const int i = base + threadIdx.x;
-      const int e = i >= first_entry          ? -1
-                    : first && k < kSendPre ? (k == 0 ? pre.entry[0] : pre.entry[kSendPre - 1])
-                                            : a.topk_idx[i];
-      if (e >= 0 && e < a.num_experts) atomicAdd(&s_hist[e], 1);
-    }
-    if (threadIdx.x < num_topk && s_idx[threadIdx.x] >= 0) {
-      atomicOr(&s_dests, 1u << (s_idx[threadIdx.x] / num_local));
-    }
-    __syncthreads();
-    LL_STAMP(3);
-    const unsigned dests = s_dests, sent = dests & live;
-    const int slot = DispatchSlot(parity, a.max_tokens, t);
+    LoadToken(a, t, first, pre, num_local, s_tok);
+    const unsigned dests = s_tok.dests, sent = dests & live, staged = sent & remote;
     if (threadIdx.x == 0) a.token_dests[t] = int32_t(dests), a.token_sent[t] = int32_t(sent);
-    for (int q = threadIdx.x; q < num_topk * num_ranks; q += blockDim.x) {
-      const int d = q / num_topk, k = q % num_topk;
-      if (!((sent >> d) & 1)) continue;
-      uint8_t* meta = Slot(c, d, c.rank, slot);
-      reinterpret_cast<int*>(meta)[k] = s_idx[k];
-      const int e = s_idx[k];
-      int pos = e >= 0 ? s_hist[e] : 0;
-      for (int j = 0; j < k; ++j) pos += e >= 0 && s_idx[j] == e;
-      reinterpret_cast<int*>(meta)[num_topk + k] = pos;
-      reinterpret_cast<float*>(meta)[2 * num_topk + k] = s_weight[k];
+    const int slot = DispatchSlot(parity, a.max_tokens, t);
+    if (staged != 0) {  // block-uniform
+      CountEntriesBefore(a, t, first, pre, 0, a.num_experts, s_hist);
+      LL_STAMP(3);
+      for (int q = threadIdx.x; q < num_topk * num_ranks; q += blockDim.x) {
+        const int d = q / num_topk, k = q % num_topk;
+        if (!((staged >> d) & 1)) continue;
+        uint8_t* meta = Slot(c, d, c.rank, slot);
+        reinterpret_cast<int*>(meta)[k] = s_tok.idx[k];
+        reinterpret_cast<int*>(meta)[num_topk + k] =
+            s_tok.idx[k] >= 0 ? EntryPosition(s_tok, s_hist, 0, k) : 0;
+        reinterpret_cast<float*>(meta)[2 * num_topk + k] = s_tok.weight[k];
+      }
+      WriteRow<kFp8>(
+          a, t, staged,
+          [&](int d) {
+            uint8_t* base = Slot(c, d, c.rank, slot);
+            return RowDst{base + meta_bytes, reinterpret_cast<float*>(base + scales_at)};
+          },
+          first ? &pre : nullptr);
+      LL_STAMP(12);
     }
-    SendRow<kFp8>(c, a, t, sent, slot, first ? &pre : nullptr);
-    LL_STAMP(12);
     __syncthreads();  // the block's stores precede the release (cumulativity)
     const int d = threadIdx.x;
-    if (d < num_ranks && ((live >> d) & 1)) {
-      StoreReleaseTo(SlotFlag(c, d, c.rank, slot), (g << 1) | ((sent >> d) & 1), d == c.rank);
+    if (d < num_ranks && ((remote >> d) & 1)) {
+      StoreRelease(SlotFlag(c, d, c.rank, slot), (g << 1) | ((staged >> d) & 1));
     }
     LL_STAMP(4);
   }
 }
 
+// ------------------------------------------------------------------ dispatch: own tokens
+
+// The send's inputs as the receive sees them (it places this rank's own tokens).
+__device__ __forceinline__ LLDispatchSendArgs OwnInputs(const LLDispatchRecvArgs& a) {
+  LLDispatchSendArgs x{};
+  x.x = a.x, x.topk_idx = a.topk_idx, x.topk_weights = a.topk_weights, x.failed = a.failed;
+  x.num_tokens = a.num_tokens, x.hidden = a.hidden, x.num_topk = a.num_topk;
+  x.num_experts = a.num_experts, x.max_tokens = a.max_tokens, x.use_fp8 = a.use_fp8;
+  return x;
+}
+
+// Counts of this rank's entries per local expert j into s_own [L] (the header it sends itself).
+__device__ void CountOwnEntries(const CommArgs& c, const LLDispatchSendArgs& x,
+                                const SendPrefetch& pre, int* s_own) {
+  const int num_local = x.num_experts / c.num_ranks, lo = c.rank * num_local;
+  for (int i = threadIdx.x, k = 0; i < x.num_tokens * x.num_topk; i += blockDim.x, ++k) {
+    const int e = k < kSendPre ? (k == 0 ? pre.entry[0] : pre.entry[kSendPre - 1]) : x.topk_idx[i];
+    if (e >= lo && e < lo + num_local) atomicAdd(&s_own[e - lo], 1);
+  }
+}
+
+// This rank's own tokens go from x straight into recv_x (never staged): a block per token
+// (grid-stride), the positions of its entries as the send computes them for remote ranks, the
+// row cast once (FP8) and stored at each of its local experts' rows with the scales, recv_src
+// and the combine handle (slot_rows / slot_weights of source = this rank). s_hist: [L] ints.
+template <bool kFp8>
+__device__ void PlaceOwnTokens(const CommArgs& c, const LLDispatchRecvArgs& a, unsigned failed,
+                               const SendPrefetch& pre, const int* s_begin, int* s_hist) {
+  __shared__ TokenShared s_tok;
+  __shared__ int s_row[kMaxTopk];
+  const LLDispatchSendArgs x = OwnInputs(a);
+  const int me = c.rank, num_topk = a.num_topk, num_local = a.num_experts / c.num_ranks;
+  const int lo = me * num_local, cap = c.num_ranks * a.max_tokens;
+  const size_t row_bytes = LLRowBytes(a.hidden, kFp8);
+  const int num_scales = kFp8 ? a.hidden / 128 : 0;
+  const size_t own_entries = size_t(me) * a.num_tokens * num_topk;  // slot_rows[me]
+  if ((failed >> me) & 1) {  // a failed rank takes no part
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < a.num_tokens * num_topk;
+         i += gridDim.x * blockDim.x) {
+      a.slot_rows[own_entries + i] = -1, a.slot_weights[own_entries + i] = 0.f;
+    }
+    return;
+  }
+  for (int t = blockIdx.x; t < a.num_tokens; t += gridDim.x) {
+    const bool first = t == int(blockIdx.x);
+    LoadToken(x, t, first, pre, num_local, s_tok);
+    const bool here = (s_tok.dests >> me) & 1;  // block-uniform
+    if (here) CountEntriesBefore(x, t, first, pre, lo, num_local, s_hist);
+    if (threadIdx.x < num_topk) {
+      const int k = threadIdx.x, local = s_tok.idx[k] - lo;
+      const bool mine = s_tok.idx[k] >= 0 && local >= 0 && local < num_local;
+      int row = -1;
+      if (mine) {
+        const int r = s_begin[me * num_local + local] + EntryPosition(s_tok, s_hist, lo, k);
+        row = r < cap ? local * cap + r : -2;
+      }
+      const size_t entry = own_entries + size_t(t) * num_topk + k;
+      a.slot_rows[entry] = row;
+      a.slot_weights[entry] = mine ? s_tok.weight[k] : 0.f;
+      if (row >= 0) a.recv_src[row] = me * a.max_tokens + t;
+      s_row[k] = row;
+    }
+    if (!here) continue;
+    __syncthreads();
+    unsigned rows = 0;
+    for (int k = 0; k < num_topk; ++k) rows |= unsigned(s_row[k] >= 0) << k;
+    WriteRow<kFp8>(
+        x, t, rows,
+        [&](int k) {
+          const size_t r = size_t(s_row[k]);
+          return RowDst{a.recv_x + r * row_bytes, kFp8 ? a.recv_scales + r * num_scales : nullptr};
+        },
+        first ? &pre : nullptr);
+  }
+}
+
 // ------------------------------------------------------------------ dispatch receive
 
-// One warp task of the receive: (source, token, 2 KB chunk of the row). Loaded (flag awaited,
+// One warp task of the receive: (remote source, token, 1 KB chunk of the row). Loaded (flag awaited,
 // metadata, the chunk, with chunk 0 the first scales) before the header is known, placed after.
 constexpr int kChunkPieces = kRecvChunkBytes / 16 / 32;  // 16-byte pieces per lane
 constexpr int kScalesPre = 2;                            // scales per lane loaded with chunk 0
@@ -429,8 +560,8 @@ struct RecvTask {
 __device__ __forceinline__ void LoadRecvTask(const CommArgs& c, const LLDispatchRecvArgs& a,
                                              uint64_t g, int parity, unsigned failed, int q,
                                              int num_chunks, RecvTask& k) {
-  const int lane = threadIdx.x % 32;
-  k.s = q / (a.num_tokens * num_chunks), k.t = q / num_chunks % a.num_tokens;
+  const int lane = threadIdx.x % 32, other = q / (a.num_tokens * num_chunks);
+  k.s = other + int(other >= c.rank), k.t = q / num_chunks % a.num_tokens;
   k.chunk = q % num_chunks;
   k.present = false;
   const uint8_t* slot = Slot(c, c.rank, k.s, DispatchSlot(parity, a.max_tokens, k.t));
@@ -438,7 +569,7 @@ __device__ __forceinline__ void LoadRecvTask(const CommArgs& c, const LLDispatch
     uint64_t flag = 0;
     if (lane == 0) {
       const uint64_t* f = SlotFlag(c, c.rank, k.s, DispatchSlot(parity, a.max_tokens, k.t));
-      flag = WaitAtLeast(f, g << 1, c, kOpLLDispatch, kPhaseSent, k.s, k.s == c.rank);
+      flag = WaitAtLeast(f, g << 1, c, kOpLLDispatch, kPhaseSent, k.s);
     }
     k.present = __shfl_sync(kFull, flag & 1, 0) != 0;
   }
@@ -519,8 +650,10 @@ __device__ __forceinline__ void PlaceRecvTask(const CommArgs& c, const LLDispatc
 // the rows' stores spread over every SM (blocks taking tasks in order left the stores of all
 // tokens on the first quarter of the SMs: a 6 us tail). s_mem: 2 * kMaxExperts +
 // kMaxLocalExperts ints.
+template <bool kFp8>
 __device__ void DispatchRecvPart(const CommArgs& c, const LLDispatchRecvArgs& a, uint64_t g,
-                                 int parity, unsigned failed, int* s_mem) {
+                                 int parity, unsigned failed, const SendPrefetch& pre,
+                                 int* s_mem) {
   int* s_begin = s_mem;                     // [R][L]
   int* s_count = s_mem + kMaxExperts;       // [R][L]
   int* s_total = s_mem + 2 * kMaxExperts;   // [L]
@@ -531,7 +664,7 @@ __device__ void DispatchRecvPart(const CommArgs& c, const LLDispatchRecvArgs& a,
   const int num_chunks = int((row_bytes + kRecvChunkBytes - 1) / kRecvChunkBytes);
   const int first_task = int(blockIdx.x) + int(gridDim.x) * (int(threadIdx.x) / 32);
   const int task_stride = int(gridDim.x) * kWarps;
-  const int num_tasks = num_ranks * a.num_tokens * num_chunks;
+  const int num_tasks = (num_ranks - 1) * a.num_tokens * num_chunks;
   RecvTask task;
   if (first_task < num_tasks) LoadRecvTask(c, a, g, parity, failed, first_task, num_chunks, task);
   LL_STAMP(5);
@@ -541,9 +674,13 @@ __device__ void DispatchRecvPart(const CommArgs& c, const LLDispatchRecvArgs& a,
   for (int q = threadIdx.x; q < num_ranks * num_local; q += blockDim.x) {
     const int s = q / num_local;
     const uint64_t* words = reinterpret_cast<const uint64_t*>(Slot(c, me, s, hdr));
-    s_count[q] = (failed >> s) & 1 ? 0 : WaitHeaderCount(c, words + q % num_local, g, s);
+    s_count[q] = (failed >> s) & 1 || s == me ? 0 : WaitHeaderCount(c, words + q % num_local, g, s);
   }
   __syncthreads();
+  if (!((failed >> me) & 1)) {
+    CountOwnEntries(c, OwnInputs(a), pre, s_count + me * num_local);
+    __syncthreads();
+  }
   LL_STAMP(6);
   for (int j = threadIdx.x; j < num_local; j += blockDim.x) {
     int acc = 0;
@@ -569,6 +706,7 @@ __device__ void DispatchRecvPart(const CommArgs& c, const LLDispatchRecvArgs& a,
     if (int(q % cap) >= min(s_total[q / cap], cap)) a.recv_src[q] = -1;
   }
   LL_STAMP(8);
+  PlaceOwnTokens<kFp8>(c, a, failed, pre, s_begin, s_total);  // s_total is free again
   for (int q = first_task; q < num_tasks; q += task_stride) {
     if (q != first_task) LoadRecvTask(c, a, g, parity, failed, q, num_chunks, task);
     PlaceRecvTask(c, a, parity, num_chunks, s_begin, task);
@@ -590,7 +728,8 @@ template <bool kFp8>
 __global__ void __launch_bounds__(kThreads, 1) LLDispatchSendKernel(CommArgs c, LLDispatchSendArgs a) {
   __shared__ int s_hist[kMaxExperts];
   LL_STAMP(0);
-  const SendPrefetch pre = PrefetchSend<kFp8>(a, blockIdx.x);  // before the waits
+  // Before the waits; at EP1 nothing is staged (the receive reads x).
+  const SendPrefetch pre = c.num_ranks > 1 ? PrefetchSend<kFp8>(a, blockIdx.x) : SendPrefetch{};
   const unsigned failed = FailedBits(a.failed, c.num_ranks, c.rank);
   const uint64_t g = OpenDispatchSend(c, a, failed);
   LL_STAMP(1);
@@ -599,14 +738,16 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchSendKernel(CommArgs c, 
   LL_STAMP_END(10);
 }
 
+template <bool kFp8>
 __global__ void __launch_bounds__(kThreads, 1) LLDispatchRecvKernel(CommArgs c, LLDispatchRecvArgs a) {
   __shared__ int s_mem[kRecvSharedInts];
   LL_STAMP(0);
+  const SendPrefetch pre = PrefetchSend<kFp8>(OwnInputs(a), blockIdx.x);  // the own tokens
   const unsigned failed = FailedBits(a.failed, c.num_ranks, c.rank);
   uint64_t g;
   int parity;
   ReadTicket(c, kOpD, kOpLLDispatch, a.ticket, &g, &parity);
-  DispatchRecvPart(c, a, g, parity, failed, s_mem);
+  DispatchRecvPart<kFp8>(c, a, g, parity, failed, pre, s_mem);
   EndRecv<false>(c, kOpD, g, failed);
   LL_STAMP_END(10);
 }
@@ -618,18 +759,23 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(CommArgs c, LLDi
                                                                 LLDispatchRecvArgs r) {
   __shared__ int s_mem[kRecvSharedInts];  // the header histogram, then the receive's tables
   LL_STAMP(0);
-  const SendPrefetch pre = PrefetchSend<kFp8>(s, blockIdx.x);
+  const SendPrefetch pre = PrefetchSend<kFp8>(s, blockIdx.x);  // also the receive's own tokens
   const unsigned failed = FailedBits(s.failed, c.num_ranks, c.rank);
   const uint64_t g = OpenDispatchSend(c, s, failed);
   LL_STAMP(1);
   DispatchSendPart<kFp8>(c, s, g, failed, pre, s_mem);
   __syncthreads();  // s_mem changes role
-  DispatchRecvPart(c, r, g, int(g & 1), failed, s_mem);
+  DispatchRecvPart<kFp8>(c, r, g, int(g & 1), failed, pre, s_mem);
   EndRecv<true>(c, kOpD, g, failed);
   LL_STAMP_END(10);
 }
 
 // ------------------------------------------------------------------ combine
+//
+// Each expert rank's partial sum of a token (its rows there, weighted) goes to the token's source,
+// which adds the partials in rank order. The partial of the source's own rank is never staged: its
+// receive computes it from y (the same float32 sum, rounded to bfloat16 as staging would round
+// it), so a rank's own tokens cost one read of y and one write of out (at EP1, all the work).
 
 // A combine chunk is kLLChunk = 256 channels: 8 per lane, one 16-byte piece of each row.
 static_assert(kLLChunk == 32 * 8, "a combine chunk is one 16-byte piece per lane");
@@ -662,100 +808,163 @@ __device__ __forceinline__ void SumLaneRows(unsigned from, RowOf row_of, WeightO
   }
 }
 
-// ------------------------------------------------------------------ combine send
-
-// What a combine-send task needs, lane k < K: token t of s's row here (-1 not here, -2 dropped)
-// and its weight. Inputs of the kernel: the next task's are loaded while a task sums, the
-// warp's first before BeginSend.
+// Lane k < K: where entry k of token t of source s is here (row of y; -1 not here, -2 dropped)
+// and its weight. Loaded a task ahead (the warp's first before the kernel's waits).
 struct CombineMeta {
   int row;
   float weight;
 };
 
-__device__ __forceinline__ int CombineSendTasks(const CommArgs& c, const LLCombineSendArgs& a) {
-  return c.num_ranks * a.num_tokens * ((a.hidden + kLLChunk - 1) / kLLChunk);
-}
-
-__device__ __forceinline__ CombineMeta LoadCombineMeta(const CommArgs& c,
-                                                       const LLCombineSendArgs& a, int q) {
-  const int lane = threadIdx.x % 32, num_chunks = (a.hidden + kLLChunk - 1) / kLLChunk;
+__device__ __forceinline__ CombineMeta LoadCombineMeta(const int32_t* slot_rows,
+                                                       const float* slot_weights, int num_topk,
+                                                       size_t token, bool valid) {
+  const int lane = threadIdx.x % 32;
   CombineMeta m{-1, 0.f};
-  if (q < CombineSendTasks(c, a) && lane < a.num_topk) {
-    const size_t entry = size_t(q / num_chunks) * a.num_topk + lane;  // (s, t) = q / chunks
-    m.row = __ldg(a.slot_rows + entry);
-    m.weight = __ldg(a.slot_weights + entry);
+  if (valid && lane < num_topk) {
+    m.row = __ldg(slot_rows + token * num_topk + lane);
+    m.weight = __ldg(slot_weights + token * num_topk + lane);
   }
   return m;
 }
 
-// Warp tasks (source, token, chunk of kLLChunk channels) on the experts' rank: the weighted sum
-// of the token's rows here (top-k order, float32) as bfloat16 into the source's staging, then
-// the chunk's flag. `meta`: the warp's first task's; BeginSend made the block wait until the
-// parity is free. (Reading the rows is the cost: T=128, H=7168 reads 14.7 MB of expert outputs,
-// measured ~2.2 TB/s whether the loads sit in registers or stream through shared memory.)
+// The lane's 8 channels at e of a token's partial here: sum over its rows (top-k order) of
+// weight * y row, in float32.
+__device__ __forceinline__ void SumTokenRows(const __nv_bfloat16* y, int hidden,
+                                             const CombineMeta& m, int e, float (&acc)[8]) {
+#pragma unroll
+  for (int u = 0; u < 8; ++u) acc[u] = 0.f;
+  SumLaneRows<8>(
+      __ballot_sync(kFull, m.row >= 0),
+      [&](int k) { return y + size_t(__shfl_sync(kFull, m.row, k)) * hidden; },
+      [&](int k) { return __shfl_sync(kFull, m.weight, k); }, e < hidden, e, acc);
+}
+
+__device__ __forceinline__ int ChunkChannel(int q, int hidden) {  // the lane's e in task q's chunk
+  return q % ((hidden + kLLChunk - 1) / kLLChunk) * kLLChunk + int(threadIdx.x % 32) * 8;
+}
+
+// ------------------------------------------------------------------ combine send
+
+__device__ __forceinline__ int NumChunks(int hidden) { return (hidden + kLLChunk - 1) / kLLChunk; }
+
+// Warp tasks of a send: (destination s != this rank, token t, chunk), s-major.
+__device__ __forceinline__ int CombineSendTasks(const CommArgs& c, const LLCombineSendArgs& a) {
+  return (c.num_ranks - 1) * a.num_tokens * NumChunks(a.hidden);
+}
+__device__ __forceinline__ int SendTaskDest(const CommArgs& c, const LLCombineSendArgs& a, int q) {
+  const int other = q / (a.num_tokens * NumChunks(a.hidden));
+  return other + int(other >= c.rank);
+}
+
+__device__ __forceinline__ CombineMeta SendTaskMeta(const CommArgs& c, const LLCombineSendArgs& a,
+                                                    int q) {
+  const int valid = q < CombineSendTasks(c, a);
+  const int t = valid ? q / NumChunks(a.hidden) % a.num_tokens : 0;
+  const size_t token = valid ? size_t(SendTaskDest(c, a, q)) * a.num_tokens + t : 0;
+  return LoadCombineMeta(a.slot_rows, a.slot_weights, a.num_topk, token, valid);
+}
+
+// Warp tasks on the experts' rank: the token's partial as bfloat16 into the source's staging,
+// then the chunk's flag. `meta`: the warp's first task's (loaded before BeginSend made the block
+// wait until the parity is free). (Reading y is the cost: T=128, H=7168 reads 14.7 MB.)
 __device__ void CombineSendPart(const CommArgs& c, const LLCombineSendArgs& a, uint64_t g,
                                 unsigned failed, CombineMeta meta) {
-  const int lane = threadIdx.x % 32, hidden = a.hidden, num_tokens = a.num_tokens;
+  const int lane = threadIdx.x % 32, hidden = a.hidden;
   const __nv_bfloat16* y = reinterpret_cast<const __nv_bfloat16*>(a.y);
-  const int num_chunks = (hidden + kLLChunk - 1) / kLLChunk, num_tasks = CombineSendTasks(c, a);
+  const int num_chunks = NumChunks(hidden), num_tasks = CombineSendTasks(c, a);
   const size_t flags_at = Align16(size_t(hidden) * 2);
   const int gwarp = blockIdx.x * kWarps + threadIdx.x / 32, num_gwarps = gridDim.x * kWarps;
   for (int q = gwarp; q < num_tasks; q += num_gwarps) {
     const CombineMeta m = meta;
-    meta = LoadCombineMeta(c, a, q + num_gwarps);  // in flight meanwhile
-    const int s = q / (num_tokens * num_chunks), t = q / num_chunks % num_tokens;
+    meta = SendTaskMeta(c, a, q + num_gwarps);  // in flight meanwhile
+    const int s = SendTaskDest(c, a, q), t = q / num_chunks % a.num_tokens;
     const int chunk = q % num_chunks, e = chunk * kLLChunk + lane * 8;
     if ((failed >> s) & 1) continue;
     if (__ballot_sync(kFull, m.row != -1) == 0) continue;  // token t of s did not come here
     float acc[8];
-#pragma unroll
-    for (int u = 0; u < 8; ++u) acc[u] = 0.f;
-    SumLaneRows<8>(
-        __ballot_sync(kFull, m.row >= 0),
-        [&](int k) { return y + size_t(__shfl_sync(kFull, m.row, k)) * hidden; },
-        [&](int k) { return __shfl_sync(kFull, m.weight, k); }, e < hidden, e, acc);
+    SumTokenRows(y, hidden, m, e, acc);
     if (q == gwarp) LL_STAMP(5);
     uint8_t* dst = Slot(c, s, c.rank, CombineSlot(int(g & 1), a.max_tokens, t));
     if (e < hidden) StoreF32<__nv_bfloat16, 8>(reinterpret_cast<__nv_bfloat16*>(dst) + e, acc);
     __syncwarp();  // the lanes' stores precede lane 0's release (cumulativity)
-    if (lane == 0) {
-      StoreReleaseTo(reinterpret_cast<uint64_t*>(dst + flags_at) + chunk, g, s == c.rank);
-    }
+    if (lane == 0) StoreRelease(reinterpret_cast<uint64_t*>(dst + flags_at) + chunk, g);
     if (q == gwarp) LL_STAMP(6);
   }
 }
 
 // ------------------------------------------------------------------ combine receive
 
-// Warp tasks (token, chunk) on the source: the partials of the token's live ranks, summed in
-// rank order (float32) as they land. `sent`: token_sent of the warp's first task's token,
-// loaded by the caller (the next one's is loaded while a task runs).
+// Warp tasks (token, chunk) on the source. What a task needs: the token's token_sent and, lane
+// k < K, its entries here (for the partial of this rank).
+struct CombineRecvMeta {
+  int sent;
+  CombineMeta local;
+};
+
+__device__ __forceinline__ CombineRecvMeta RecvTaskMeta(const CommArgs& c,
+                                                        const LLCombineRecvArgs& a, int q) {
+  const int num_chunks = NumChunks(a.hidden);
+  const bool valid = q < a.num_tokens * num_chunks;
+  const int t = valid ? q / num_chunks : 0;
+  return {valid ? __ldg(a.token_sent + t) : 0,
+          LoadCombineMeta(a.slot_rows, a.slot_weights, a.num_topk,
+                          size_t(c.rank) * a.num_tokens + t, valid)};
+}
+
+// This rank's partial of a task, rounded to bfloat16 as staging would round it (zeros where the
+// token has no row here).
+__device__ __forceinline__ void LocalPartial(const LLCombineRecvArgs& a, const CombineRecvMeta& m,
+                                             int q, float (&local)[8]) {
+  const int e = ChunkChannel(q, a.hidden);
+  SumTokenRows(reinterpret_cast<const __nv_bfloat16*>(a.y), a.hidden, m.local, e, local);
+#pragma unroll
+  for (int u = 0; u < 8; ++u) local[u] = __bfloat162float(__float2bfloat16_rn(local[u]));
+}
+
+// The partials of the token's live ranks summed in rank order (float32): this rank's from y, the
+// others' from the staging as they land. `meta` / `first_local`: the warp's first task's,
+// computed by the caller before its waits.
 __device__ void CombineRecvPart(const CommArgs& c, const LLCombineRecvArgs& a, uint64_t g,
-                                int parity, unsigned failed, int sent) {
-  const int lane = threadIdx.x % 32, num_ranks = c.num_ranks, me = c.rank, hidden = a.hidden;
-  const int num_chunks = (hidden + kLLChunk - 1) / kLLChunk;
-  const int num_tasks = a.num_tokens * num_chunks;
+                                int parity, unsigned failed, CombineRecvMeta meta,
+                                const float (&first_local)[8]) {
+  const int lane = threadIdx.x % 32, me = c.rank, hidden = a.hidden;
+  const int num_chunks = NumChunks(hidden), num_tasks = a.num_tokens * num_chunks;
   const size_t flags_at = Align16(size_t(hidden) * 2);
   const int gwarp = blockIdx.x * kWarps + threadIdx.x / 32, num_gwarps = gridDim.x * kWarps;
   for (int q = gwarp; q < num_tasks; q += num_gwarps) {
-    const int t = q / num_chunks, chunk = q % num_chunks;
-    const unsigned use = unsigned(sent) & ~failed;
-    const int next = q + num_gwarps;
-    sent = next < num_tasks ? __ldg(a.token_sent + next / num_chunks) : 0;
+    const int t = q / num_chunks, chunk = q % num_chunks, e = chunk * kLLChunk + lane * 8;
+    const CombineRecvMeta m = meta;
+    meta = RecvTaskMeta(c, a, q + num_gwarps);  // in flight meanwhile
+    float local[8];
+    if (q == gwarp) {
+#pragma unroll
+      for (int u = 0; u < 8; ++u) local[u] = first_local[u];
+    } else {
+      LocalPartial(a, m, q, local);
+    }
+    const unsigned use = unsigned(m.sent) & ~failed, remote = use & ~(1u << me);
     const int slot = CombineSlot(parity, a.max_tokens, t);
-    if (lane < num_ranks && ((use >> lane) & 1)) {
+    if (lane < c.num_ranks && ((remote >> lane) & 1)) {
       WaitAtLeast(reinterpret_cast<const uint64_t*>(Slot(c, me, lane, slot) + flags_at) + chunk,
-                  g, c, kOpLLCombine, kPhaseSent, lane, lane == me);
+                  g, c, kOpLLCombine, kPhaseSent, lane);
     }
     __syncwarp();
     if (q == gwarp) LL_STAMP(7);
-    const int e = chunk * kLLChunk + lane * 8;
     float acc[8];
 #pragma unroll
     for (int u = 0; u < 8; ++u) acc[u] = 0.f;
-    SumLaneRows<8>(
-        use, [&](int d) { return reinterpret_cast<const __nv_bfloat16*>(Slot(c, me, d, slot)); },
-        [](int) { return 1.f; }, e < hidden, e, acc);
+    auto add_staged = [&](unsigned from) {
+      SumLaneRows<8>(
+          from, [&](int d) { return reinterpret_cast<const __nv_bfloat16*>(Slot(c, me, d, slot)); },
+          [](int) { return 1.f; }, e < hidden, e, acc);
+    };
+    const unsigned below = remote & ((1u << me) - 1);
+    add_staged(below);
+    if ((use >> me) & 1) {
+#pragma unroll
+      for (int u = 0; u < 8; ++u) acc[u] = __fadd_rn(acc[u], local[u]);
+    }
+    add_staged(remote & ~below);
     if (e < hidden) {
       StoreF32<__nv_bfloat16, 8>(reinterpret_cast<__nv_bfloat16*>(a.out) + size_t(t) * hidden + e,
                                  acc);
@@ -764,20 +973,23 @@ __device__ void CombineRecvPart(const CommArgs& c, const LLCombineRecvArgs& a, u
   }
 }
 
-__device__ __forceinline__ int FirstRecvSent(const LLCombineRecvArgs& a) {
+// The first receive task of the warp: its metadata and this rank's partial (before any wait).
+struct FirstRecvTask {
+  CombineRecvMeta meta;
+  float local[8];
+};
+__device__ __forceinline__ FirstRecvTask BeginRecvTask(const CommArgs& c,
+                                                       const LLCombineRecvArgs& a) {
   const int q = blockIdx.x * kWarps + threadIdx.x / 32;
-  const int num_chunks = (a.hidden + kLLChunk - 1) / kLLChunk;
-  return q < a.num_tokens * num_chunks ? __ldg(a.token_sent + q / num_chunks) : 0;
-}
-
-__device__ __forceinline__ CombineMeta FirstSendMeta(const CommArgs& c,
-                                                     const LLCombineSendArgs& a) {
-  return LoadCombineMeta(c, a, blockIdx.x * kWarps + threadIdx.x / 32);
+  FirstRecvTask f;
+  f.meta = RecvTaskMeta(c, a, q);
+  LocalPartial(a, f.meta, q, f.local);
+  return f;
 }
 
 __global__ void __launch_bounds__(kThreads, 1) LLCombineSendKernel(CommArgs c, LLCombineSendArgs a) {
   LL_STAMP(0);
-  const CombineMeta meta = FirstSendMeta(c, a);  // before the waits
+  const CombineMeta meta = SendTaskMeta(c, a, blockIdx.x * kWarps + threadIdx.x / 32);
   const unsigned failed = FailedBits(a.failed, c.num_ranks, c.rank);
   const uint64_t g = BeginSend(c, kOpC, kOpLLCombine, failed);
   if (blockIdx.x == 0 && threadIdx.x == 0) a.ticket[0] = int32_t(g), a.ticket[1] = int(g & 1);
@@ -790,12 +1002,13 @@ __global__ void __launch_bounds__(kThreads, 1) LLCombineSendKernel(CommArgs c, L
 
 __global__ void __launch_bounds__(kThreads, 1) LLCombineRecvKernel(CommArgs c, LLCombineRecvArgs a) {
   LL_STAMP(0);
-  const int sent = FirstRecvSent(a);
+  const FirstRecvTask first = BeginRecvTask(c, a);  // y is ready: no wait needed
   const unsigned failed = FailedBits(a.failed, c.num_ranks, c.rank);
   uint64_t g;
   int parity;
   ReadTicket(c, kOpC, kOpLLCombine, a.ticket, &g, &parity);
-  CombineRecvPart(c, a, g, parity, failed, sent);
+  LL_STAMP(1);
+  CombineRecvPart(c, a, g, parity, failed, first.meta, first.local);
   LL_STAMP(3);
   EndRecv<false>(c, kOpC, g, failed);
   LL_STAMP_END(4);
@@ -804,15 +1017,15 @@ __global__ void __launch_bounds__(kThreads, 1) LLCombineRecvKernel(CommArgs c, L
 __global__ void __launch_bounds__(kThreads, 1) LLCombineKernel(CommArgs c, LLCombineSendArgs s,
                                                                LLCombineRecvArgs r) {
   LL_STAMP(0);
-  const CombineMeta meta = FirstSendMeta(c, s);
-  const int sent = FirstRecvSent(r);
+  const CombineMeta meta = SendTaskMeta(c, s, blockIdx.x * kWarps + threadIdx.x / 32);
+  const FirstRecvTask first = BeginRecvTask(c, r);
   const unsigned failed = FailedBits(s.failed, c.num_ranks, c.rank);
   const uint64_t g = BeginSend(c, kOpC, kOpLLCombine, failed);
   if (blockIdx.x == 0 && threadIdx.x == 0) s.ticket[0] = int32_t(g), s.ticket[1] = int(g & 1);
   LL_STAMP(1);
   CombineSendPart(c, s, g, failed, meta);
   LL_STAMP(2);
-  CombineRecvPart(c, r, g, int(g & 1), failed, sent);
+  CombineRecvPart(c, r, g, int(g & 1), failed, first.meta, first.local);
   LL_STAMP(3);
   EndRecv<true>(c, kOpC, g, failed);
   LL_STAMP_END(4);
@@ -832,12 +1045,14 @@ size_t LLCombineSlotBytes(int hidden) {
 
 cudaError_t LaunchLLDispatchSend(const CommArgs& c, const LLDispatchSendArgs& a, cudaStream_t s) {
   auto kernel = a.use_fp8 ? LLDispatchSendKernel<true> : LLDispatchSendKernel<false>;
-  kernel<<<Grid(c, a.num_tokens), kThreads, 0, s>>>(c, a);
+  // EP1: only the tokens' destinations (a thread each), one block.
+  kernel<<<c.num_ranks == 1 ? 1 : Grid(c, a.num_tokens), kThreads, 0, s>>>(c, a);
   return cudaGetLastError();
 }
 
 cudaError_t LaunchLLDispatchRecv(const CommArgs& c, const LLDispatchRecvArgs& a, cudaStream_t s) {
-  LLDispatchRecvKernel<<<c.num_blocks, kThreads, 0, s>>>(c, a);
+  auto kernel = a.use_fp8 ? LLDispatchRecvKernel<true> : LLDispatchRecvKernel<false>;
+  kernel<<<c.num_blocks, kThreads, 0, s>>>(c, a);
   return cudaGetLastError();
 }
 
@@ -848,23 +1063,26 @@ cudaError_t LaunchLLDispatch(const CommArgs& c, const LLDispatchSendArgs& send,
   return cudaGetLastError();
 }
 
+// Warps of a combine send: one per (other rank, token, chunk); a receive: per (token, chunk).
+int CombineWarps(int num_ranks, int num_tokens, int hidden) {
+  return num_ranks * num_tokens * ((hidden + kLLChunk - 1) / kLLChunk);
+}
+
 cudaError_t LaunchLLCombineSend(const CommArgs& c, const LLCombineSendArgs& a, cudaStream_t s) {
-  const int chunks = (a.hidden + kLLChunk - 1) / kLLChunk;
-  const int warps = c.num_ranks * a.num_tokens * chunks;
+  const int warps = CombineWarps(c.num_ranks - 1, a.num_tokens, a.hidden);
   LLCombineSendKernel<<<Grid(c, (warps + kWarps - 1) / kWarps), kThreads, 0, s>>>(c, a);
   return cudaGetLastError();
 }
 
 cudaError_t LaunchLLCombineRecv(const CommArgs& c, const LLCombineRecvArgs& a, cudaStream_t s) {
-  const int warps = a.num_tokens * ((a.hidden + kLLChunk - 1) / kLLChunk);
+  const int warps = CombineWarps(1, a.num_tokens, a.hidden);
   LLCombineRecvKernel<<<Grid(c, (warps + kWarps - 1) / kWarps), kThreads, 0, s>>>(c, a);
   return cudaGetLastError();
 }
 
 cudaError_t LaunchLLCombine(const CommArgs& c, const LLCombineSendArgs& send,
                             const LLCombineRecvArgs& recv, cudaStream_t s) {
-  const int chunks = (send.hidden + kLLChunk - 1) / kLLChunk;
-  const int warps = c.num_ranks * send.num_tokens * chunks;
+  const int warps = CombineWarps(max(c.num_ranks - 1, 1), send.num_tokens, send.hidden);
   LLCombineKernel<<<Grid(c, (warps + kWarps - 1) / kWarps), kThreads, 0, s>>>(c, send, recv);
   return cudaGetLastError();
 }
@@ -873,7 +1091,8 @@ cudaError_t PreloadLowLatencyKernels() {
   cudaError_t err = cudaSuccess;
   Touch(err, LLDispatchSendKernel<true>), Touch(err, LLDispatchSendKernel<false>);
   Touch(err, LLDispatchKernel<true>), Touch(err, LLDispatchKernel<false>);
-  Touch(err, LLDispatchRecvKernel), Touch(err, LLCombineSendKernel);
+  Touch(err, LLDispatchRecvKernel<true>), Touch(err, LLDispatchRecvKernel<false>);
+  Touch(err, LLCombineSendKernel);
   Touch(err, LLCombineRecvKernel), Touch(err, LLCombineKernel);
   return err;
 }

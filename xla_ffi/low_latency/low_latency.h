@@ -11,8 +11,10 @@
 //                            flag is (g << 1) | present, raised for every token (absent ones too)
 //   [p * (M + 1) + M]        dispatch header: s's counts of the receiver's local experts, one
 //                            u64 word each, (g & 0xffffffff) << 32 | count (no flag)
-//   [2 * (M + 1) + p * M + t] combine: the partial sum for token t, chunked; each chunk carries
-//                            its own flag (g) after the row, so warps stream chunks as they land
+//   [2 * (M + 1) + p * M + t] combine: s's partial sum for token t (s != receiver: a rank's own
+//                            partial is summed from y by its receive, never staged), chunked;
+//                            each chunk carries its own flag (g) after the row, so warps stream
+//                            chunks as they land
 // Before a sender overwrites parity p of a peer it waits until that peer has received
 // generation g - 2 (the peer's receive writes "consumed" of parity p into the sender's
 // workspace; per parity, so the receives of two calls in flight may complete in either order):
@@ -43,6 +45,9 @@ struct LLDispatchSendArgs {
 
 struct LLDispatchRecvArgs {
   const int32_t* ticket;       // [2]
+  const uint16_t* x;           // [T, H] the send's inputs: this rank's own tokens are placed
+  const int32_t* topk_idx;     // [T, K]   by the receive, straight from x (never staged)
+  const float* topk_weights;   // [T, K]
   const int32_t* failed;       // [R]
   int num_tokens, hidden, num_topk, num_experts, max_tokens;
   bool use_fp8;
@@ -67,10 +72,13 @@ struct LLCombineSendArgs {
 
 struct LLCombineRecvArgs {
   const int32_t* ticket;       // [2]
+  const uint16_t* y;           // [L * R * M, H] bfloat16 bits: this rank's partials come from here
+  const int32_t* slot_rows;    // [R, T, K] (row s = this rank)
+  const float* slot_weights;   // [R, T, K]
   const int32_t* token_dests;  // [T]
   const int32_t* token_sent;   // [T]
   const int32_t* failed;       // [R]
-  int num_tokens, hidden, max_tokens;
+  int num_tokens, hidden, num_topk, max_tokens;
   uint16_t* out;               // [T, H] bfloat16 bits
   int32_t* num_missing;        // [T]
 };

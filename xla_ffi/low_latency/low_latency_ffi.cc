@@ -100,6 +100,7 @@ ffi::Error PrepareDispatchSend(CommArgs* comm, LLDispatchSendArgs* args, int32_t
 
 // Checks one DispatchRecv call and fills its kernel arguments.
 ffi::Error PrepareDispatchRecv(CommArgs* comm, LLDispatchRecvArgs* args, int32_t device, S32 ticket,
+                               ffi::AnyBuffer x, S32 topk_idx, F32 topk_weights,
                                S32 failed, ffi::Result<ffi::AnyBuffer> recv_x,
                                ffi::Result<F32> recv_scales, ffi::Result<S32> recv_count,
                                ffi::Result<S32> recv_src, ffi::Result<S32> recv_range,
@@ -107,12 +108,21 @@ ffi::Error PrepareDispatchRecv(CommArgs* comm, LLDispatchRecvArgs* args, int32_t
                                ffi::Result<F32> slot_weights, int64_t workspace_id,
                                int64_t num_experts, int64_t max_tokens, bool use_fp8,
                                int64_t num_tokens, int64_t hidden, int64_t num_topk) {
+  const auto x_dims = x.dimensions(), idx_dims = topk_idx.dimensions();
+  if (x.element_type() != ffi::BF16 || x_dims.size() != 2 || x_dims[0] != num_tokens ||
+      x_dims[1] != hidden || idx_dims.size() != 2 || idx_dims[0] != num_tokens ||
+      idx_dims[1] != num_topk) {
+    return Invalid("dispatch_recv: x must be the send's [T, H] bfloat16 and topk_idx its [T, K]");
+  }
   const Shape s{num_tokens, hidden, num_topk, num_experts, max_tokens, use_fp8};
   Workspace* ws;
   DeviceSlot* slot;
   if (auto err = Lookup(workspace_id, device, s, &ws, &slot); err.failure()) return err;
   LLDispatchRecvArgs a{};
   a.ticket = ticket.typed_data();
+  a.x = static_cast<const uint16_t*>(x.untyped_data());
+  a.topk_idx = topk_idx.typed_data();
+  a.topk_weights = topk_weights.typed_data();
   a.failed = failed.typed_data();
   a.num_tokens = int(num_tokens), a.hidden = int(hidden), a.num_topk = int(num_topk);
   a.num_experts = int(num_experts), a.max_tokens = int(max_tokens), a.use_fp8 = use_fp8;
@@ -157,21 +167,32 @@ ffi::Error PrepareCombineSend(CommArgs* comm, LLCombineSendArgs* args, int32_t d
 
 // Checks one CombineRecv call and fills its kernel arguments.
 ffi::Error PrepareCombineRecv(CommArgs* comm, LLCombineRecvArgs* args, int32_t device, S32 ticket,
+                              ffi::AnyBuffer y, S32 slot_rows, F32 slot_weights,
                               S32 token_dests, S32 token_sent, S32 failed,
                               ffi::Result<ffi::AnyBuffer> out, ffi::Result<S32> num_missing,
                               int64_t workspace_id, int64_t num_experts, int64_t max_tokens,
                               bool use_fp8, int64_t num_topk) {
   const auto dims = out->dimensions();
+  const auto y_dims = y.dimensions();
+  if (y.element_type() != ffi::BF16 || y_dims.size() != 3 || y_dims[2] != dims[1] ||
+      slot_rows.dimensions().size() != 3 || slot_rows.dimensions()[1] != dims[0] ||
+      slot_rows.dimensions()[2] != num_topk) {
+    return Invalid("combine_recv: y must be [L, R * M, H] bfloat16 and slot_rows [R, T, K]");
+  }
   const Shape s{dims[0], dims[1], num_topk, num_experts, max_tokens, use_fp8};
   Workspace* ws;
   DeviceSlot* slot;
   if (auto err = Lookup(workspace_id, device, s, &ws, &slot); err.failure()) return err;
   LLCombineRecvArgs a{};
   a.ticket = ticket.typed_data();
+  a.y = static_cast<const uint16_t*>(y.untyped_data());
+  a.slot_rows = slot_rows.typed_data();
+  a.slot_weights = slot_weights.typed_data();
   a.token_dests = token_dests.typed_data();
   a.token_sent = token_sent.typed_data();
   a.failed = failed.typed_data();
-  a.num_tokens = int(s.num_tokens), a.hidden = int(s.hidden), a.max_tokens = int(max_tokens);
+  a.num_tokens = int(s.num_tokens), a.hidden = int(s.hidden), a.num_topk = int(num_topk);
+  a.max_tokens = int(max_tokens);
   a.out = static_cast<uint16_t*>(out->untyped_data());
   a.num_missing = num_missing->typed_data();
   *comm = Comm(ws, slot);
@@ -200,7 +221,8 @@ ffi::Error DispatchSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
                          num_experts, max_tokens, use_fp8);
 }
 
-ffi::Error DispatchRecvImpl(cudaStream_t stream, int32_t device, S32 ticket, S32 failed,
+ffi::Error DispatchRecvImpl(cudaStream_t stream, int32_t device, S32 ticket, ffi::AnyBuffer x,
+                            S32 topk_idx, F32 topk_weights, S32 failed,
                             ffi::Result<ffi::AnyBuffer> recv_x,
                             ffi::Result<F32> recv_scales, ffi::Result<S32> recv_count,
                             ffi::Result<S32> recv_src, ffi::Result<S32> recv_range,
@@ -208,7 +230,8 @@ ffi::Error DispatchRecvImpl(cudaStream_t stream, int32_t device, S32 ticket, S32
                             ffi::Result<F32> slot_weights, int64_t workspace_id,
                             int64_t num_experts, int64_t max_tokens, bool use_fp8,
                             int64_t num_tokens, int64_t hidden, int64_t num_topk) {
-  return JAX_EP_LL_PHASE(DispatchRecv, LLDispatchRecvArgs, "dispatch receive", ticket, failed,
+  return JAX_EP_LL_PHASE(DispatchRecv, LLDispatchRecvArgs, "dispatch receive", ticket, x,
+                         topk_idx, topk_weights, failed,
                          recv_x, recv_scales, recv_count, recv_src, recv_range, num_dropped,
                          slot_rows, slot_weights, workspace_id, num_experts, max_tokens, use_fp8,
                          num_tokens, hidden, num_topk);
@@ -223,14 +246,15 @@ ffi::Error CombineSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y
                          use_fp8);
 }
 
-ffi::Error CombineRecvImpl(cudaStream_t stream, int32_t device, S32 ticket, S32 token_dests,
-                           S32 token_sent, S32 failed, ffi::Result<ffi::AnyBuffer> out,
+ffi::Error CombineRecvImpl(cudaStream_t stream, int32_t device, S32 ticket, ffi::AnyBuffer y,
+                           S32 slot_rows, F32 slot_weights, S32 token_dests, S32 token_sent,
+                           S32 failed, ffi::Result<ffi::AnyBuffer> out,
                            ffi::Result<S32> num_missing, int64_t workspace_id,
                            int64_t num_experts, int64_t max_tokens, bool use_fp8,
                            int64_t num_topk) {
-  return JAX_EP_LL_PHASE(CombineRecv, LLCombineRecvArgs, "combine receive", ticket, token_dests,
-                         token_sent, failed, out, num_missing, workspace_id, num_experts,
-                         max_tokens, use_fp8, num_topk);
+  return JAX_EP_LL_PHASE(CombineRecv, LLCombineRecvArgs, "combine receive", ticket, y, slot_rows,
+                         slot_weights, token_dests, token_sent, failed, out, num_missing,
+                         workspace_id, num_experts, max_tokens, use_fp8, num_topk);
 }
 #undef JAX_EP_LL_PHASE
 
@@ -255,7 +279,8 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, S
     return err;
   }
   const auto dims = topk_idx.dimensions();
-  if (auto err = PrepareDispatchRecv(&comm, &recv, device, *ticket, failed, recv_x, recv_scales,
+  if (auto err = PrepareDispatchRecv(&comm, &recv, device, *ticket, x, topk_idx, topk_weights,
+                                     failed, recv_x, recv_scales,
                                      recv_count, recv_src, recv_range, num_dropped, slot_rows,
                                      slot_weights, workspace_id, num_experts, max_tokens, use_fp8,
                                      dims[0], x.dimensions()[1], dims[1]);
@@ -278,8 +303,8 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, S3
       err.failure()) {
     return err;
   }
-  if (auto err = PrepareCombineRecv(&comm, &recv, device, *ticket, token_dests, token_sent,
-                                    failed, out, num_missing, workspace_id, num_experts,
+  if (auto err = PrepareCombineRecv(&comm, &recv, device, *ticket, y, slot_rows, slot_weights,
+                                    token_dests, token_sent, failed, out, num_missing, workspace_id, num_experts,
                                     max_tokens, use_fp8, slot_rows.dimensions()[2]);
       err.failure()) {
     return err;
@@ -313,6 +338,9 @@ XLA_FFI_DEFINE_HANDLER(kLLDispatchRecvHandler, DispatchRecvImpl,
                            .Ctx<ffi::PlatformStream<cudaStream_t>>()
                            .Ctx<ffi::DeviceOrdinal>()
                            .Arg<S32>()             // ticket [2]
+                           .Arg<ffi::AnyBuffer>()  // x [T, H] bf16 (own tokens)
+                           .Arg<S32>()             // topk_idx [T, K]
+                           .Arg<F32>()             // topk_weights [T, K]
                            .Arg<S32>()             // failed [R]
                            .Ret<ffi::AnyBuffer>()  // recv_x [L, R * M, H]
                            .Ret<F32>()             // recv_scales [L, R * M, H / 128 or 0]
@@ -351,6 +379,9 @@ XLA_FFI_DEFINE_HANDLER(kLLCombineRecvHandler, CombineRecvImpl,
                            .Ctx<ffi::PlatformStream<cudaStream_t>>()
                            .Ctx<ffi::DeviceOrdinal>()
                            .Arg<S32>()             // ticket [2]
+                           .Arg<ffi::AnyBuffer>()  // y [L, R * M, H] bf16 (own partials)
+                           .Arg<S32>()             // slot_rows [R, T, K]
+                           .Arg<F32>()             // slot_weights [R, T, K]
                            .Arg<S32>()             // token_dests [T]
                            .Arg<S32>()             // token_sent [T]
                            .Arg<S32>()             // failed [R]
