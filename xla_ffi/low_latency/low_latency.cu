@@ -116,29 +116,43 @@ __device__ inline void ReadTicket(const CommArgs& c, int op, int op_code, const 
 // costing ~1 us), lane 0 of block 0 checks parity g & 1 is not in flight here (a third send in
 // flight is misuse), and lane d < R waits until live peer d has received generation g - 2, i.e.
 // parity g & 1 of d's staging is free. Both parities' words are read at once, the right one
-// picked after: one round trip when nothing is awaited.
-__device__ inline uint64_t BeginSend(const CommArgs& c, int op, int op_code, unsigned failed) {
+// picked after: one round trip when nothing is awaited. Split in two so that a kernel can
+// issue the reads, then its own first loads, then finish (the latencies overlap).
+struct SendWords {
+  uint64_t last, busy0, busy1, seen0, seen1;
+};
+
+__device__ __forceinline__ SendWords ReadSendWords(const CommArgs& c, int op) {
+  SendWords w{0, 0, 0, 0, 0};
+  const int d = threadIdx.x;
+  if (d < 32) {
+    uint8_t* ws = c.peer_ws[c.rank];
+    const bool check = blockIdx.x == 0 && d == 0, peer = d < c.num_ranks;
+    w.last = *reinterpret_cast<volatile uint64_t*>(Gen(ws, op));
+    if (check) w.busy0 = *reinterpret_cast<volatile uint64_t*>(Inflight(ws, op, 0));
+    if (check) w.busy1 = *reinterpret_cast<volatile uint64_t*>(Inflight(ws, op, 1));
+    if (peer) w.seen0 = *reinterpret_cast<const volatile uint64_t*>(Consumed(ws, op, 0, d));
+    if (peer) w.seen1 = *reinterpret_cast<const volatile uint64_t*>(Consumed(ws, op, 1, d));
+  }
+  return w;
+}
+
+__device__ inline uint64_t FinishBeginSend(const CommArgs& c, int op, int op_code,
+                                           unsigned failed, const SendWords& w) {
   __shared__ uint64_t s_gen;
   const int d = threadIdx.x;
   if (d < 32) {
     uint8_t* ws = c.peer_ws[c.rank];
     const bool check = blockIdx.x == 0 && d == 0;
     const bool waits = d < c.num_ranks && !((failed >> d) & 1);
-    const uint64_t* consumed0 = waits ? Consumed(ws, op, 0, d) : nullptr;
-    const uint64_t* consumed1 = waits ? Consumed(ws, op, 1, d) : nullptr;
-    const uint64_t last = *reinterpret_cast<volatile uint64_t*>(Gen(ws, op));
-    const uint64_t busy0 = check ? *reinterpret_cast<volatile uint64_t*>(Inflight(ws, op, 0)) : 0;
-    const uint64_t busy1 = check ? *reinterpret_cast<volatile uint64_t*>(Inflight(ws, op, 1)) : 0;
-    const uint64_t seen0 = waits ? *reinterpret_cast<const volatile uint64_t*>(consumed0) : 0;
-    const uint64_t seen1 = waits ? *reinterpret_cast<const volatile uint64_t*>(consumed1) : 0;
-    const uint64_t g = last + 1;
+    const uint64_t g = w.last + 1;
     const int parity = int(g & 1);
-    if (check && (parity ? busy1 : busy0) != 0) {
-      ReportAndTrap(c, op_code, kPhaseBusy, c.rank, parity ? busy1 : busy0);
+    if (check && (parity ? w.busy1 : w.busy0) != 0) {
+      ReportAndTrap(c, op_code, kPhaseBusy, c.rank, parity ? w.busy1 : w.busy0);
     }
     if (waits && g > 2) {
-      if ((parity ? seen1 : seen0) < g - 2) {
-        WaitAtLeast(parity ? consumed1 : consumed0, g - 2, c, op_code, kPhaseFree, d, d == c.rank);
+      if ((parity ? w.seen1 : w.seen0) < g - 2) {
+        WaitAtLeast(Consumed(ws, op, parity, d), g - 2, c, op_code, kPhaseFree, d, d == c.rank);
       } else if (d == c.rank) {  // acquire what the relaxed read saw: the peer's reads of the
         asm volatile("fence.acq_rel.gpu;" ::: "memory");  // staging precede our stores
       } else {
@@ -149,6 +163,10 @@ __device__ inline uint64_t BeginSend(const CommArgs& c, int op, int op_code, uns
   }
   __syncthreads();  // the waits precede every thread's stores to the staging (cumulativity)
   return s_gen;
+}
+
+__device__ inline uint64_t BeginSend(const CommArgs& c, int op, int op_code, unsigned failed) {
+  return FinishBeginSend(c, op, op_code, failed, ReadSendWords(c, op));
 }
 
 // Last block of a send: generation g is now in flight.
@@ -219,9 +237,10 @@ __device__ __forceinline__ int RowPiece(int k, int hidden) {
 }
 
 template <bool kFp8>
-__device__ __forceinline__ SendPrefetch PrefetchSend(const LLDispatchSendArgs& a, int t) {
+__device__ __forceinline__ SendPrefetch PrefetchSend(const LLDispatchSendArgs& a, int t,
+                                                     bool rows = true) {
   SendPrefetch p;
-  const bool has = t < a.num_tokens;
+  const bool has = rows && t < a.num_tokens;  // rows: the token's (else only the entries)
   const int4* row = reinterpret_cast<const int4*>(a.x + size_t(t) * a.hidden);
   const int end = a.num_tokens * a.num_topk;  // every block counts them all (own counts)
 #pragma unroll
@@ -400,6 +419,32 @@ __device__ __forceinline__ int EntryPosition(const TokenShared& s, const int* s_
   return pos;
 }
 
+// token_dests / token_sent alone, kThreads tokens per block at a time: the entries (coalesced,
+// the prefetched ones first) or-ed into s_dests [kThreads] (a loop of K loads per token thread
+// took ~1.4 us: each load waited for the previous one).
+__device__ void TokenDestsOnly(const LLDispatchSendArgs& a, int num_local, unsigned live,
+                               const SendPrefetch& pre, int* s_dests) {
+  const int num_topk = a.num_topk;
+  unsigned* dests = reinterpret_cast<unsigned*>(s_dests);
+  for (int t0 = blockIdx.x * kThreads; t0 < a.num_tokens; t0 += gridDim.x * kThreads) {
+    __syncthreads();  // the previous tile's s_dests are read
+    dests[threadIdx.x] = 0;
+    __syncthreads();
+    const int end = min(t0 + kThreads, a.num_tokens) * num_topk;
+    for (int i = t0 * num_topk + threadIdx.x, k = 0; i < end; i += blockDim.x, ++k) {
+      const int e = t0 == 0 && k < kSendPre ? (k == 0 ? pre.entry[0] : pre.entry[kSendPre - 1])
+                                            : __ldg(a.topk_idx + i);
+      if (e >= 0 && e < a.num_experts) atomicOr(dests + (i / num_topk - t0), 1u << (e / num_local));
+    }
+    __syncthreads();
+    const int t = t0 + threadIdx.x;
+    if (t < a.num_tokens) {
+      a.token_dests[t] = int32_t(dests[threadIdx.x]);
+      a.token_sent[t] = int32_t(dests[threadIdx.x] & live);
+    }
+  }
+}
+
 // A block per token (grid-stride): the destination ranks (token_dests / token_sent); to every
 // remote one the metadata (experts, their positions, weights) and the row, then every live
 // remote destination's arrival flag (absent tokens too). This rank's own entries are left to its
@@ -415,16 +460,8 @@ __device__ void DispatchSendPart(const CommArgs& c, const LLDispatchSendArgs& a,
   const int parity = int(g & 1);
   const size_t meta_bytes = LLMetaBytes(num_topk);
   const size_t scales_at = meta_bytes + Align16(LLRowBytes(a.hidden, kFp8));
-  if (remote == 0) {  // nothing to stage (EP1): the destinations only, a thread per token
-    for (int t = blockIdx.x * blockDim.x + threadIdx.x; t < a.num_tokens;
-         t += gridDim.x * blockDim.x) {
-      unsigned dests = 0;
-      for (int k = 0; k < num_topk; ++k) {
-        const int e = __ldg(a.topk_idx + t * num_topk + k);
-        if (e >= 0 && e < a.num_experts) dests |= 1u << (e / num_local);
-      }
-      a.token_dests[t] = int32_t(dests), a.token_sent[t] = int32_t(dests & live);
-    }
+  if (remote == 0) {  // nothing to stage (EP1): the tokens' destinations only
+    TokenDestsOnly(a, num_local, live, pre, s_hist);
     return;
   }
   LL_STAMP_AFTER(13, pre.entry[0] ^ pre.entry[kSendPre - 1] ^ pre.own_idx);
@@ -729,7 +766,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchSendKernel(CommArgs c, 
   __shared__ int s_hist[kMaxExperts];
   LL_STAMP(0);
   // Before the waits; at EP1 nothing is staged (the receive reads x).
-  const SendPrefetch pre = c.num_ranks > 1 ? PrefetchSend<kFp8>(a, blockIdx.x) : SendPrefetch{};
+  const SendPrefetch pre = PrefetchSend<kFp8>(a, blockIdx.x, c.num_ranks > 1);
   const unsigned failed = FailedBits(a.failed, c.num_ranks, c.rank);
   const uint64_t g = OpenDispatchSend(c, a, failed);
   LL_STAMP(1);
@@ -847,6 +884,13 @@ __device__ __forceinline__ int ChunkChannel(int q, int hidden) {  // the lane's 
 
 __device__ __forceinline__ int NumChunks(int hidden) { return (hidden + kLLChunk - 1) / kLLChunk; }
 
+// The warp's first task: task q runs on block q % G (warp q / G of it), so that when the tasks
+// take 1 < n < 2 rounds, the second round spreads over every SM (block-major numbering left it
+// on the first (n - 1) * G blocks: those SMs read twice the rows of the others).
+__device__ __forceinline__ int FirstWarpTask() {
+  return int(blockIdx.x) + int(gridDim.x) * (int(threadIdx.x) / 32);
+}
+
 // Warp tasks of a send: (destination s != this rank, token t, chunk), s-major.
 __device__ __forceinline__ int CombineSendTasks(const CommArgs& c, const LLCombineSendArgs& a) {
   return (c.num_ranks - 1) * a.num_tokens * NumChunks(a.hidden);
@@ -873,7 +917,7 @@ __device__ void CombineSendPart(const CommArgs& c, const LLCombineSendArgs& a, u
   const __nv_bfloat16* y = reinterpret_cast<const __nv_bfloat16*>(a.y);
   const int num_chunks = NumChunks(hidden), num_tasks = CombineSendTasks(c, a);
   const size_t flags_at = Align16(size_t(hidden) * 2);
-  const int gwarp = blockIdx.x * kWarps + threadIdx.x / 32, num_gwarps = gridDim.x * kWarps;
+  const int gwarp = FirstWarpTask(), num_gwarps = gridDim.x * kWarps;
   for (int q = gwarp; q < num_tasks; q += num_gwarps) {
     const CombineMeta m = meta;
     meta = SendTaskMeta(c, a, q + num_gwarps);  // in flight meanwhile
@@ -930,7 +974,7 @@ __device__ void CombineRecvPart(const CommArgs& c, const LLCombineRecvArgs& a, u
   const int lane = threadIdx.x % 32, me = c.rank, hidden = a.hidden;
   const int num_chunks = NumChunks(hidden), num_tasks = a.num_tokens * num_chunks;
   const size_t flags_at = Align16(size_t(hidden) * 2);
-  const int gwarp = blockIdx.x * kWarps + threadIdx.x / 32, num_gwarps = gridDim.x * kWarps;
+  const int gwarp = FirstWarpTask(), num_gwarps = gridDim.x * kWarps;
   for (int q = gwarp; q < num_tasks; q += num_gwarps) {
     const int t = q / num_chunks, chunk = q % num_chunks, e = chunk * kLLChunk + lane * 8;
     const CombineRecvMeta m = meta;
@@ -980,7 +1024,7 @@ struct FirstRecvTask {
 };
 __device__ __forceinline__ FirstRecvTask BeginRecvTask(const CommArgs& c,
                                                        const LLCombineRecvArgs& a) {
-  const int q = blockIdx.x * kWarps + threadIdx.x / 32;
+  const int q = FirstWarpTask();
   FirstRecvTask f;
   f.meta = RecvTaskMeta(c, a, q);
   LocalPartial(a, f.meta, q, f.local);
@@ -989,7 +1033,7 @@ __device__ __forceinline__ FirstRecvTask BeginRecvTask(const CommArgs& c,
 
 __global__ void __launch_bounds__(kThreads, 1) LLCombineSendKernel(CommArgs c, LLCombineSendArgs a) {
   LL_STAMP(0);
-  const CombineMeta meta = SendTaskMeta(c, a, blockIdx.x * kWarps + threadIdx.x / 32);
+  const CombineMeta meta = SendTaskMeta(c, a, FirstWarpTask());
   const unsigned failed = FailedBits(a.failed, c.num_ranks, c.rank);
   const uint64_t g = BeginSend(c, kOpC, kOpLLCombine, failed);
   if (blockIdx.x == 0 && threadIdx.x == 0) a.ticket[0] = int32_t(g), a.ticket[1] = int(g & 1);
@@ -1017,10 +1061,11 @@ __global__ void __launch_bounds__(kThreads, 1) LLCombineRecvKernel(CommArgs c, L
 __global__ void __launch_bounds__(kThreads, 1) LLCombineKernel(CommArgs c, LLCombineSendArgs s,
                                                                LLCombineRecvArgs r) {
   LL_STAMP(0);
-  const CombineMeta meta = SendTaskMeta(c, s, blockIdx.x * kWarps + threadIdx.x / 32);
+  const CombineMeta meta = SendTaskMeta(c, s, FirstWarpTask());
+  const SendWords words = ReadSendWords(c, kOpC);  // in flight with the first partial's loads
   const FirstRecvTask first = BeginRecvTask(c, r);
   const unsigned failed = FailedBits(s.failed, c.num_ranks, c.rank);
-  const uint64_t g = BeginSend(c, kOpC, kOpLLCombine, failed);
+  const uint64_t g = FinishBeginSend(c, kOpC, kOpLLCombine, failed, words);
   if (blockIdx.x == 0 && threadIdx.x == 0) s.ticket[0] = int32_t(g), s.ticket[1] = int(g & 1);
   LL_STAMP(1);
   CombineSendPart(c, s, g, failed, meta);
