@@ -135,7 +135,7 @@ std::vector<Rank> Setup(const Options& o, std::mt19937& rng) {
     auto* slot_rows = Alloc<int32_t>(size_t(R) * T * K);
     auto* slot_weights = Alloc<float>(size_t(R) * T * K);
     const size_t cap = size_t(R) * M;
-    k.dsend = LLDispatchSendArgs{d_x, d_idx, d_w, failed, T, H, K, E, M, o.fp8, ticket, dests, sent};
+    k.dsend = LLDispatchSendArgs{d_x, d_idx, d_w, failed, T, H, K, E, M, o.fp8, ticket};
     LLDispatchRecvArgs& dr = k.drecv;
     dr.ticket = ticket, dr.failed = failed, dr.x = d_x, dr.topk_idx = d_idx, dr.topk_weights = d_w;
     dr.num_tokens = T, dr.hidden = H, dr.num_topk = K, dr.num_experts = E, dr.max_tokens = M;
@@ -147,6 +147,7 @@ std::vector<Rank> Setup(const Options& o, std::mt19937& rng) {
     dr.recv_range = Alloc<int32_t>(size_t(L) * R * 2);
     dr.num_dropped = Alloc<int32_t>(1);
     dr.slot_rows = slot_rows, dr.slot_weights = slot_weights;
+    dr.token_dests = dests, dr.token_sent = sent;
     k.csend = LLCombineSendArgs{d_y, slot_rows, slot_weights, failed, T, H, K, M, ticket_c};
     k.crecv = LLCombineRecvArgs{ticket_c, d_y, slot_rows, slot_weights, dests, sent, failed,
                                 T, H, K, M, Alloc<uint16_t>(size_t(T) * H), Alloc<int32_t>(T)};

@@ -169,8 +169,9 @@ class LowLatencyPending:
       ticket: [2] int32 (generation, buffer parity) of the send; the receive checks it on the
         device (a receive without its send, or two sends in flight on one parity, is an error).
       failed_ranks: [R] int32 mask the send ran with (non-zero = skipped rank).
-      handle: the dispatch's LowLatencyHandle (combine only; for dispatch the partial handle of
-        the source side: token_dests / token_sent).
+      handle: the dispatch's LowLatencyHandle (combine); for dispatch, backend "xla", the
+        partial handle of the source side (token_dests / token_sent), None on "cuda" (its
+        receive computes them).
       blocks: what the receive reads besides the staging: backend "xla", the exchanged arrays
         it lays out; "cuda" combine, {"y": the expert outputs} (a rank's own partials are summed
         by the receive, never staged); "cuda" dispatch, {"x", "topk_idx", "topk_weights"} of the

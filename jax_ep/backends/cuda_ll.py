@@ -32,13 +32,11 @@ def _call(target, out_types):
 
 
 def dispatch_send(cfg: LowLatencyConfig, x, topk_idx, topk_weights, failed) -> LowLatencyPending:
-    t = cfg.num_tokens
-    ticket, token_dests, token_sent = _call("jax_ep_ll_dispatch_send", (
-        _like(x, (2,), jnp.int32), _like(x, (t,), jnp.int32), _like(x, (t,), jnp.int32)))(
+    (ticket,) = _call("jax_ep_ll_dispatch_send", (_like(x, (2,), jnp.int32),))(
         x, topk_idx, topk_weights, failed, **_attrs(cfg))
-    handle = LowLatencyHandle(cfg, None, None, token_dests, token_sent)
-    # The receive places this rank's own tokens straight from x (they are never staged).
-    return LowLatencyPending(cfg, ticket, failed, handle,
+    # The receive places this rank's own tokens straight from x (they are never staged) and
+    # writes token_dests / token_sent (at EP1 the send only takes the generation).
+    return LowLatencyPending(cfg, ticket, failed, None,
                              dict(x=x, topk_idx=topk_idx, topk_weights=topk_weights))
 
 
@@ -56,12 +54,14 @@ def _recv_types(cfg: LowLatencyConfig, ref):
         _like(ref, (), jnp.int32),                              # num_dropped
         _like(ref, (r, t, k), jnp.int32),                       # slot_rows
         _like(ref, (r, t, k), jnp.float32),                     # slot_weights
+        _like(ref, (t,), jnp.int32),                            # token_dests
+        _like(ref, (t,), jnp.int32),                            # token_sent
     )
 
 
-def _dispatch_result(cfg, outs, token_dests, token_sent) -> LowLatencyDispatchResult:
+def _dispatch_result(cfg, outs) -> LowLatencyDispatchResult:
     (recv_x, recv_scales, recv_count, recv_src, recv_range, num_dropped, slot_rows,
-     slot_weights) = outs
+     slot_weights, token_dests, token_sent) = outs
     handle = LowLatencyHandle(cfg, slot_rows, slot_weights, token_dests, token_sent)
     return LowLatencyDispatchResult(
         recv_x=recv_x, recv_x_scales=recv_scales if cfg.use_fp8 else None, recv_count=recv_count,
@@ -73,7 +73,7 @@ def dispatch_recv(cfg: LowLatencyConfig, pending: LowLatencyPending) -> LowLaten
         pending.ticket, pending.blocks["x"], pending.blocks["topk_idx"],
         pending.blocks["topk_weights"], pending.failed_ranks, num_tokens=np.int64(cfg.num_tokens),
         hidden=np.int64(cfg.hidden), num_topk=np.int64(cfg.num_topk), **_attrs(cfg))
-    return _dispatch_result(cfg, outs, pending.handle.token_dests, pending.handle.token_sent)
+    return _dispatch_result(cfg, outs)
 
 
 def dispatch(cfg: LowLatencyConfig, x, topk_idx, topk_weights, failed) -> LowLatencyDispatchResult:
@@ -81,8 +81,8 @@ def dispatch(cfg: LowLatencyConfig, x, topk_idx, topk_weights, failed) -> LowLat
     t = cfg.num_tokens
     _, token_dests, token_sent, *outs = _call("jax_ep_ll_dispatch", (
         _like(x, (2,), jnp.int32), _like(x, (t,), jnp.int32), _like(x, (t,), jnp.int32),
-        *_recv_types(cfg, x)))(x, topk_idx, topk_weights, failed, **_attrs(cfg))
-    return _dispatch_result(cfg, outs, token_dests, token_sent)
+        *_recv_types(cfg, x)[:-2]))(x, topk_idx, topk_weights, failed, **_attrs(cfg))
+    return _dispatch_result(cfg, (*outs, token_dests, token_sent))
 
 
 def combine_send(cfg: LowLatencyConfig, y, handle: LowLatencyHandle, failed) -> LowLatencyPending:

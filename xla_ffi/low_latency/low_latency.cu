@@ -137,8 +137,9 @@ __device__ __forceinline__ SendWords ReadSendWords(const CommArgs& c, int op) {
   return w;
 }
 
+// sync = false: g in warp 0 only (no other thread may store to the staging or use g).
 __device__ inline uint64_t FinishBeginSend(const CommArgs& c, int op, int op_code,
-                                           unsigned failed, const SendWords& w) {
+                                           unsigned failed, const SendWords& w, bool sync = true) {
   __shared__ uint64_t s_gen;
   const int d = threadIdx.x;
   if (d < 32) {
@@ -159,8 +160,10 @@ __device__ inline uint64_t FinishBeginSend(const CommArgs& c, int op, int op_cod
         asm volatile("fence.acq_rel.sys;" ::: "memory");
       }
     }
+    if (!sync) return g;
     if (d == 0) s_gen = g;
   }
+  if (!sync) return 0;
   __syncthreads();  // the waits precede every thread's stores to the staging (cumulativity)
   return s_gen;
 }
@@ -419,36 +422,11 @@ __device__ __forceinline__ int EntryPosition(const TokenShared& s, const int* s_
   return pos;
 }
 
-// token_dests / token_sent alone, kThreads tokens per block at a time: the entries (coalesced,
-// the prefetched ones first) or-ed into s_dests [kThreads] (a loop of K loads per token thread
-// took ~1.4 us: each load waited for the previous one).
-__device__ void TokenDestsOnly(const LLDispatchSendArgs& a, int num_local, unsigned live,
-                               const SendPrefetch& pre, int* s_dests) {
-  const int num_topk = a.num_topk;
-  unsigned* dests = reinterpret_cast<unsigned*>(s_dests);
-  for (int t0 = blockIdx.x * kThreads; t0 < a.num_tokens; t0 += gridDim.x * kThreads) {
-    __syncthreads();  // the previous tile's s_dests are read
-    dests[threadIdx.x] = 0;
-    __syncthreads();
-    const int end = min(t0 + kThreads, a.num_tokens) * num_topk;
-    for (int i = t0 * num_topk + threadIdx.x, k = 0; i < end; i += blockDim.x, ++k) {
-      const int e = t0 == 0 && k < kSendPre ? (k == 0 ? pre.entry[0] : pre.entry[kSendPre - 1])
-                                            : __ldg(a.topk_idx + i);
-      if (e >= 0 && e < a.num_experts) atomicOr(dests + (i / num_topk - t0), 1u << (e / num_local));
-    }
-    __syncthreads();
-    const int t = t0 + threadIdx.x;
-    if (t < a.num_tokens) {
-      a.token_dests[t] = int32_t(dests[threadIdx.x]);
-      a.token_sent[t] = int32_t(dests[threadIdx.x] & live);
-    }
-  }
-}
-
-// A block per token (grid-stride): the destination ranks (token_dests / token_sent); to every
-// remote one the metadata (experts, their positions, weights) and the row, then every live
-// remote destination's arrival flag (absent tokens too). This rank's own entries are left to its
-// receive (PlaceOwnTokens). Block 0 first sends the header. The caller has waited until parity
+// A block per token (grid-stride): the destination ranks; to every remote one the metadata
+// (experts, their positions, weights) and the row, then every live remote destination's arrival
+// flag (absent tokens too). This rank's own entries and token_dests / token_sent are left to
+// its receive (PlaceOwnTokens): at EP1 a send only takes the generation. Block 0 first sends the
+// header. The caller has waited until parity
 // g & 1 is free at every live peer.
 template <bool kFp8>
 __device__ void DispatchSendPart(const CommArgs& c, const LLDispatchSendArgs& a, uint64_t g,
@@ -460,18 +438,14 @@ __device__ void DispatchSendPart(const CommArgs& c, const LLDispatchSendArgs& a,
   const int parity = int(g & 1);
   const size_t meta_bytes = LLMetaBytes(num_topk);
   const size_t scales_at = meta_bytes + Align16(LLRowBytes(a.hidden, kFp8));
-  if (remote == 0) {  // nothing to stage (EP1): the tokens' destinations only
-    TokenDestsOnly(a, num_local, live, pre, s_hist);
-    return;
-  }
+  if (remote == 0) return;  // nothing to stage (EP1)
   LL_STAMP_AFTER(13, pre.entry[0] ^ pre.entry[kSendPre - 1] ^ pre.own_idx);
   if (blockIdx.x == 0) SendHeader(c, a, parity, g, remote, pre, s_hist);
   LL_STAMP(2);
   for (int t = blockIdx.x; t < a.num_tokens; t += gridDim.x) {
     const bool first = t == int(blockIdx.x);
     LoadToken(a, t, first, pre, num_local, s_tok);
-    const unsigned dests = s_tok.dests, sent = dests & live, staged = sent & remote;
-    if (threadIdx.x == 0) a.token_dests[t] = int32_t(dests), a.token_sent[t] = int32_t(sent);
+    const unsigned staged = s_tok.dests & remote;
     const int slot = DispatchSlot(parity, a.max_tokens, t);
     if (staged != 0) {  // block-uniform
       CountEntriesBefore(a, t, first, pre, 0, a.num_experts, s_hist);
@@ -539,16 +513,29 @@ __device__ void PlaceOwnTokens(const CommArgs& c, const LLDispatchRecvArgs& a, u
   const size_t row_bytes = LLRowBytes(a.hidden, kFp8);
   const int num_scales = kFp8 ? a.hidden / 128 : 0;
   const size_t own_entries = size_t(me) * a.num_tokens * num_topk;  // slot_rows[me]
-  if ((failed >> me) & 1) {  // a failed rank takes no part
+  const unsigned live = ((1u << c.num_ranks) - 1) & ~failed;
+  if ((failed >> me) & 1) {  // a failed rank takes no part (and sends nothing: live = 0)
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < a.num_tokens * num_topk;
          i += gridDim.x * blockDim.x) {
       a.slot_rows[own_entries + i] = -1, a.slot_weights[own_entries + i] = 0.f;
+    }
+    for (int t = blockIdx.x * blockDim.x + threadIdx.x; t < a.num_tokens;
+         t += gridDim.x * blockDim.x) {
+      unsigned dests = 0;
+      for (int k = 0; k < num_topk; ++k) {
+        const int e = x.topk_idx[t * num_topk + k];
+        if (e >= 0 && e < a.num_experts) dests |= 1u << (e / num_local);
+      }
+      a.token_dests[t] = int32_t(dests), a.token_sent[t] = 0;
     }
     return;
   }
   for (int t = blockIdx.x; t < a.num_tokens; t += gridDim.x) {
     const bool first = t == int(blockIdx.x);
     LoadToken(x, t, first, pre, num_local, s_tok);
+    if (threadIdx.x == 0) {
+      a.token_dests[t] = int32_t(s_tok.dests), a.token_sent[t] = int32_t(s_tok.dests & live);
+    }
     const bool here = (s_tok.dests >> me) & 1;  // block-uniform
     if (here) CountEntriesBefore(x, t, first, pre, lo, num_local, s_hist);
     if (threadIdx.x < num_topk) {
@@ -766,7 +753,8 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchSendKernel(CommArgs c, 
   __shared__ int s_hist[kMaxExperts];
   LL_STAMP(0);
   // Before the waits; at EP1 nothing is staged (the receive reads x).
-  const SendPrefetch pre = PrefetchSend<kFp8>(a, blockIdx.x, c.num_ranks > 1);
+  SendPrefetch pre{};  // before the waits; at EP1 nothing is staged (the receive reads x)
+  if (c.num_ranks > 1) pre = PrefetchSend<kFp8>(a, blockIdx.x);
   const unsigned failed = FailedBits(a.failed, c.num_ranks, c.rank);
   const uint64_t g = OpenDispatchSend(c, a, failed);
   LL_STAMP(1);
@@ -1065,7 +1053,8 @@ __global__ void __launch_bounds__(kThreads, 1) LLCombineKernel(CommArgs c, LLCom
   const SendWords words = ReadSendWords(c, kOpC);  // in flight with the first partial's loads
   const FirstRecvTask first = BeginRecvTask(c, r);
   const unsigned failed = FailedBits(s.failed, c.num_ranks, c.rank);
-  const uint64_t g = FinishBeginSend(c, kOpC, kOpLLCombine, failed, words);
+  // EP1: nothing is staged, so the block need not wait for warp 0's checks (it alone uses g).
+  const uint64_t g = FinishBeginSend(c, kOpC, kOpLLCombine, failed, words, c.num_ranks > 1);
   if (blockIdx.x == 0 && threadIdx.x == 0) s.ticket[0] = int32_t(g), s.ticket[1] = int(g & 1);
   LL_STAMP(1);
   CombineSendPart(c, s, g, failed, meta);

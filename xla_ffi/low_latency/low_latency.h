@@ -39,8 +39,6 @@ struct LLDispatchSendArgs {
   int num_tokens, hidden, num_topk, num_experts, max_tokens;
   bool use_fp8;
   int32_t* ticket;             // [2] (generation, parity)
-  int32_t* token_dests;        // [T] bit d: a top-k expert of t lives on rank d
-  int32_t* token_sent;         // [T] token_dests minus failed ranks
 };
 
 struct LLDispatchRecvArgs {
@@ -59,6 +57,8 @@ struct LLDispatchRecvArgs {
   int32_t* num_dropped;        // []
   int32_t* slot_rows;          // [R, T, K] packed row, -1 not here, -2 dropped
   float* slot_weights;         // [R, T, K]
+  int32_t* token_dests;        // [T] bit d: a top-k expert of t lives on rank d
+  int32_t* token_sent;         // [T] token_dests minus failed ranks
 };
 
 struct LLCombineSendArgs {

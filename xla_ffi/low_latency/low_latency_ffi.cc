@@ -72,8 +72,7 @@ ffi::Error Launched(cudaError_t err, const char* kernel) {
 // Checks one DispatchSend call and fills its kernel arguments.
 ffi::Error PrepareDispatchSend(CommArgs* comm, LLDispatchSendArgs* args, int32_t device,
                                ffi::AnyBuffer x, S32 topk_idx, F32 topk_weights, S32 failed,
-                               ffi::Result<S32> ticket, ffi::Result<S32> token_dests,
-                               ffi::Result<S32> token_sent, int64_t workspace_id,
+                               ffi::Result<S32> ticket, int64_t workspace_id,
                                int64_t num_experts, int64_t max_tokens, bool use_fp8) {
   const auto dims = topk_idx.dimensions();
   if (dims.size() != 2 || x.element_type() != ffi::BF16 || x.dimensions().size() != 2) {
@@ -91,8 +90,6 @@ ffi::Error PrepareDispatchSend(CommArgs* comm, LLDispatchSendArgs* args, int32_t
   a.num_tokens = int(s.num_tokens), a.hidden = int(s.hidden), a.num_topk = int(s.num_topk);
   a.num_experts = int(num_experts), a.max_tokens = int(max_tokens), a.use_fp8 = use_fp8;
   a.ticket = ticket->typed_data();
-  a.token_dests = token_dests->typed_data();
-  a.token_sent = token_sent->typed_data();
   *comm = Comm(ws, slot);
   *args = a;
   return ffi::Error::Success();
@@ -105,7 +102,8 @@ ffi::Error PrepareDispatchRecv(CommArgs* comm, LLDispatchRecvArgs* args, int32_t
                                ffi::Result<F32> recv_scales, ffi::Result<S32> recv_count,
                                ffi::Result<S32> recv_src, ffi::Result<S32> recv_range,
                                ffi::Result<S32> num_dropped, ffi::Result<S32> slot_rows,
-                               ffi::Result<F32> slot_weights, int64_t workspace_id,
+                               ffi::Result<F32> slot_weights, ffi::Result<S32> token_dests,
+                               ffi::Result<S32> token_sent, int64_t workspace_id,
                                int64_t num_experts, int64_t max_tokens, bool use_fp8,
                                int64_t num_tokens, int64_t hidden, int64_t num_topk) {
   const auto x_dims = x.dimensions(), idx_dims = topk_idx.dimensions();
@@ -134,6 +132,8 @@ ffi::Error PrepareDispatchRecv(CommArgs* comm, LLDispatchRecvArgs* args, int32_t
   a.num_dropped = num_dropped->typed_data();
   a.slot_rows = slot_rows->typed_data();
   a.slot_weights = slot_weights->typed_data();
+  a.token_dests = token_dests->typed_data();
+  a.token_sent = token_sent->typed_data();
   *comm = Comm(ws, slot);
   *args = a;
   return ffi::Error::Success();
@@ -213,12 +213,11 @@ ffi::Error PrepareCombineRecv(CommArgs* comm, LLCombineRecvArgs* args, int32_t d
 
 ffi::Error DispatchSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, S32 topk_idx,
                             F32 topk_weights, S32 failed, ffi::Result<S32> ticket,
-                            ffi::Result<S32> token_dests, ffi::Result<S32> token_sent,
                             int64_t workspace_id, int64_t num_experts, int64_t max_tokens,
                             bool use_fp8) {
   return JAX_EP_LL_PHASE(DispatchSend, LLDispatchSendArgs, "dispatch send", x, topk_idx,
-                         topk_weights, failed, ticket, token_dests, token_sent, workspace_id,
-                         num_experts, max_tokens, use_fp8);
+                         topk_weights, failed, ticket, workspace_id, num_experts, max_tokens,
+                         use_fp8);
 }
 
 ffi::Error DispatchRecvImpl(cudaStream_t stream, int32_t device, S32 ticket, ffi::AnyBuffer x,
@@ -227,14 +226,15 @@ ffi::Error DispatchRecvImpl(cudaStream_t stream, int32_t device, S32 ticket, ffi
                             ffi::Result<F32> recv_scales, ffi::Result<S32> recv_count,
                             ffi::Result<S32> recv_src, ffi::Result<S32> recv_range,
                             ffi::Result<S32> num_dropped, ffi::Result<S32> slot_rows,
-                            ffi::Result<F32> slot_weights, int64_t workspace_id,
+                            ffi::Result<F32> slot_weights, ffi::Result<S32> token_dests,
+                            ffi::Result<S32> token_sent, int64_t workspace_id,
                             int64_t num_experts, int64_t max_tokens, bool use_fp8,
                             int64_t num_tokens, int64_t hidden, int64_t num_topk) {
   return JAX_EP_LL_PHASE(DispatchRecv, LLDispatchRecvArgs, "dispatch receive", ticket, x,
                          topk_idx, topk_weights, failed,
                          recv_x, recv_scales, recv_count, recv_src, recv_range, num_dropped,
-                         slot_rows, slot_weights, workspace_id, num_experts, max_tokens, use_fp8,
-                         num_tokens, hidden, num_topk);
+                         slot_rows, slot_weights, token_dests, token_sent, workspace_id,
+                         num_experts, max_tokens, use_fp8, num_tokens, hidden, num_topk);
 }
 
 ffi::Error CombineSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, S32 slot_rows,
@@ -273,8 +273,7 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, S
   LLDispatchSendArgs send{};
   LLDispatchRecvArgs recv{};
   if (auto err = PrepareDispatchSend(&comm, &send, device, x, topk_idx, topk_weights, failed,
-                                     ticket, token_dests, token_sent, workspace_id, num_experts,
-                                     max_tokens, use_fp8);
+                                     ticket, workspace_id, num_experts, max_tokens, use_fp8);
       err.failure()) {
     return err;
   }
@@ -282,8 +281,9 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, S
   if (auto err = PrepareDispatchRecv(&comm, &recv, device, *ticket, x, topk_idx, topk_weights,
                                      failed, recv_x, recv_scales,
                                      recv_count, recv_src, recv_range, num_dropped, slot_rows,
-                                     slot_weights, workspace_id, num_experts, max_tokens, use_fp8,
-                                     dims[0], x.dimensions()[1], dims[1]);
+                                     slot_weights, token_dests, token_sent, workspace_id,
+                                     num_experts, max_tokens, use_fp8, dims[0],
+                                     x.dimensions()[1], dims[1]);
       err.failure()) {
     return err;
   }
@@ -325,8 +325,6 @@ XLA_FFI_DEFINE_HANDLER(kLLDispatchSendHandler, DispatchSendImpl,
                            .Arg<F32>()             // topk_weights [T, K]
                            .Arg<S32>()             // failed [R]
                            .Ret<S32>()             // ticket [2]
-                           .Ret<S32>()             // token_dests [T]
-                           .Ret<S32>()             // token_sent [T]
                            .Attr<int64_t>("workspace_id")
                            .Attr<int64_t>("num_experts")
                            .Attr<int64_t>("max_tokens")
@@ -350,6 +348,8 @@ XLA_FFI_DEFINE_HANDLER(kLLDispatchRecvHandler, DispatchRecvImpl,
                            .Ret<S32>()             // num_dropped []
                            .Ret<S32>()             // slot_rows [R, T, K]
                            .Ret<F32>()             // slot_weights [R, T, K]
+                           .Ret<S32>()             // token_dests [T]
+                           .Ret<S32>()             // token_sent [T]
                            .Attr<int64_t>("workspace_id")
                            .Attr<int64_t>("num_experts")
                            .Attr<int64_t>("max_tokens")
