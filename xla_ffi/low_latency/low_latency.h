@@ -11,6 +11,8 @@
 //                            flag is (g << 1) | present, raised for every token (absent ones too)
 //   [p * (M + 1) + M]        dispatch header: s's counts of the receiver's local experts, one
 //                            u64 word each, (g & 0xffffffff) << 32 | count (no flag)
+//                            (both s != receiver: a rank's receive casts its own tokens from x
+//                            straight into recv_x and computes token_dests / token_sent)
 //   [2 * (M + 1) + p * M + t] combine: s's partial sum for token t (s != receiver: a rank's own
 //                            partial is summed from y by its receive, never staged), chunked;
 //                            each chunk carries its own flag (g) after the row, so warps stream
