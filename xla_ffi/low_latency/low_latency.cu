@@ -426,8 +426,7 @@ __device__ __forceinline__ int EntryPosition(const TokenShared& s, const int* s_
 // (experts, their positions, weights) and the row, then every live remote destination's arrival
 // flag (absent tokens too). This rank's own entries and token_dests / token_sent are left to
 // its receive (PlaceOwnTokens): at EP1 a send only takes the generation. Block 0 first sends the
-// header. The caller has waited until parity
-// g & 1 is free at every live peer.
+// header. The caller has waited until parity g & 1 is free at every live peer.
 template <bool kFp8>
 __device__ void DispatchSendPart(const CommArgs& c, const LLDispatchSendArgs& a, uint64_t g,
                                  unsigned failed, const SendPrefetch& pre, int* s_hist) {
