@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 
 import jax
 
 from . import _ffi
 
 _UNIQUE_ID_KEY = "jax_ep/nvshmem/unique_id"
+_HOST_KEY = "jax_ep/host"
+_published_host = False
 _barrier_ids = itertools.count()
 
 
@@ -47,6 +50,23 @@ def barrier(name: str, timeout_s: float) -> None:
             f"jax_ep: process {jax.process_index()} waited {timeout_s:.0f} s at barrier "
             f"{barrier_id!r}: every process must create and close its Buffers in the same order "
             f"({type(e).__name__}: {e})") from None
+
+
+def process_hosts(timeout_s: float) -> list[str]:
+    """The hostname of every process, by process index (each process publishes its own once)."""
+    global _published_host
+    client = _client()
+    if not _published_host:
+        client.key_value_set(f"{_HOST_KEY}/{jax.process_index()}", socket.gethostname())
+        _published_host = True
+    try:
+        return [client.blocking_key_value_get(f"{_HOST_KEY}/{p}", _timeout_ms(timeout_s))
+                for p in range(jax.process_count())]
+    except Exception as e:  # noqa: BLE001
+        raise RuntimeError(
+            f"jax_ep: process {jax.process_index()} did not learn every process's host within "
+            f"{timeout_s:.0f} s: every process must create the Buffer, or pass "
+            f"num_ranks_per_node ({type(e).__name__}: {e})") from None
 
 
 def init_nvshmem(device: int, *, heap_bytes: int, timeout_s: float):

@@ -41,7 +41,9 @@ _nvshmem_ext = None
 
 # Bytes of the flags/counts/pointers area at the head of every workspace: exported by the
 # extension (xla_ffi/common/comm.h kSignalBytes); the literal serves builds without it.
-SIGNAL_BYTES: int = int(getattr(_ext, "SIGNAL_BYTES", 330752))
+SIGNAL_BYTES: int = int(getattr(_ext, "SIGNAL_BYTES", 331776))
+# Most ranks of one EP group (xla_ffi/common/comm.h kMaxRanks).
+MAX_RANKS: int = int(getattr(_ext, "MAX_RANKS", 16))
 
 LAYOUT_TARGET = "jax_ep_dispatch_layout"
 LAYOUT_MAX_EXPERTS = 1024  # xla_ffi/layout_kernels.h kLayoutMaxExperts
@@ -97,7 +99,12 @@ def nvshmem_extension():
     # Its soname must resolve before the extension loads; the library finds its plugins
     # (bootstrap, transports) next to itself.
     ctypes.CDLL(_nvshmem_host_library(), mode=ctypes.RTLD_GLOBAL)
-    _nvshmem_ext = importlib.import_module(_NVSHMEM_EXT_NAME)
+    module = importlib.import_module(_NVSHMEM_EXT_NAME)
+    # The internode handlers live there and reach the main extension's workspaces by its table.
+    module.bind_workspace_api(_ext.workspace_api())
+    for name, capsule in module.registrations().items():
+        jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
+    _nvshmem_ext = module
     return _nvshmem_ext
 
 

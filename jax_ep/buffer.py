@@ -10,6 +10,7 @@ from jax.sharding import Mesh
 
 from . import _ffi
 from .backends import transport as transports
+from .layout import static_int
 
 BACKENDS = ("auto", "xla", "cuda")
 
@@ -82,6 +83,12 @@ class Buffer:
         (it fixes their receive shape [E_local, R * M, H]).
       timeout_s: backend "cuda": bound of every wait on a peer (default: env JAX_EP_TIMEOUT_S or
         60); on expiry the call fails naming the rank and phase instead of hanging.
+      num_ranks_per_node: G, consecutive ranks of the EP axis that form one node (NVLink
+        domain); R must be a multiple. None: backend "cuda" across processes groups the ranks by
+        host; otherwise all R ranks form one node. With several nodes, backend "cuda" runs the
+        internode kernels (NVSHMEM puts between nodes, NVLink inside them; one process per GPU)
+        and combine (every backend) reduces inside each node before summing the nodes
+        (docs/api.md). Smaller than the host (e.g. 1 or 2) makes "virtual nodes" on one host.
 
     Backend "cuda" picks its transport from the mesh (attribute `transport`): "p2p" when this
     process drives every GPU of it, "nvshmem" when it spans processes with one GPU each
@@ -98,7 +105,7 @@ class Buffer:
                  num_recv_sms: Optional[int] = None,
                  max_tokens_per_rank: Optional[int] = None, hidden: Optional[int] = None,
                  num_topk: Optional[int] = None, ll_max_tokens_per_rank: Optional[int] = None,
-                 timeout_s: Optional[float] = None):
+                 timeout_s: Optional[float] = None, num_ranks_per_node: Optional[int] = None):
         if not isinstance(mesh, Mesh):
             raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
         if axis_name not in mesh.shape:
@@ -133,6 +140,15 @@ class Buffer:
         self.mesh = mesh
         self.axis_name = axis_name
         self.num_ranks = int(mesh.shape[axis_name])
+        if num_ranks_per_node is not None:
+            num_ranks_per_node = static_int(
+                "num_ranks_per_node", num_ranks_per_node,
+                meaning="G, consecutive ranks of the EP axis forming one node")
+            if self.num_ranks % num_ranks_per_node:
+                raise ValueError(f"num_ranks_per_node ({num_ranks_per_node}) must divide the "
+                                 f"number of EP ranks ({self.num_ranks})")
+        # Resolved below for backend "cuda" across processes (ranks grouped by host).
+        self.num_ranks_per_node = num_ranks_per_node or self.num_ranks
         self.backend = backend
         self.checked = bool(checked)
         self.num_sms, self.num_recv_sms = num_sms, num_recv_sms
@@ -147,13 +163,14 @@ class Buffer:
         self._closed = False
         if backend == "cuda":
             self._create_workspace(groups, max_tokens_per_rank, hidden, num_topk, num_sms,
-                                   num_recv_sms, timeout_s)
+                                   num_recv_sms, timeout_s, num_ranks_per_node)
 
     def _create_workspace(self, groups, max_tokens, hidden, num_topk, num_sms, num_recv_sms,
-                          timeout_s):
+                          timeout_s, num_ranks_per_node):
         if timeout_s is None:
             timeout_s = float(os.environ.get("JAX_EP_TIMEOUT_S", "60"))
         transport = transports.for_groups(groups, timeout_s)
+        self.num_ranks_per_node = transport.ranks_per_node(groups, num_ranks_per_node)
         if num_sms is None:
             local = [d for d in groups.ravel() if d.process_index == jax.process_index()]
             num_sms = min(getattr(local[0], "core_count", 132) or 132, 256)
@@ -166,7 +183,8 @@ class Buffer:
         if max_tokens is not None:
             self.slot_bytes = slot_bytes_for(hidden, num_topk)
             spec = transports.WorkspaceSpec(int(max_tokens), int(self.slot_bytes), int(num_sms),
-                                            int(num_recv_sms), int(timeout_s * 1e9))
+                                            int(num_recv_sms), int(timeout_s * 1e9),
+                                            self.num_ranks_per_node)
             self.workspace_id = transport.create_workspace(groups, spec)
         if self.ll_max_tokens_per_rank is not None:
             spec = transports.WorkspaceSpec(ll_slots_for(self.ll_max_tokens_per_rank),
@@ -200,20 +218,22 @@ class Buffer:
 
     @staticmethod
     def workspace_bytes(*, num_experts: int, num_topk: int, hidden: int,
-                        max_tokens_per_rank: int, num_ranks: int, dtype=None) -> int:
+                        max_tokens_per_rank: int, num_ranks: int, dtype=None,
+                        num_ranks_per_node: Optional[int] = None) -> int:
         """Device workspace backend "cuda" allocates per GPU for one MoE shape.
 
         Every rank may receive each peer's max_tokens_per_rank tokens once: a staging slot per
         (source rank, token) holding a row (sized for float32, so combines of any row dtype and
         FP8 dispatches fit; `dtype` is accepted for symmetry), an arrival flag per slot, and the
-        signal area (flags, counts, pointers).
+        signal area (flags, counts, pointers). With several nodes (num_ranks_per_node < R) also
+        the network leg's message slots: a receive and a send slot per (node, token).
         """
         if num_experts % num_ranks:
             raise ValueError(f"num_experts ({num_experts}) must be a multiple of num_ranks "
                              f"({num_ranks})")
         del dtype
         spec = transports.WorkspaceSpec(max_tokens_per_rank, slot_bytes_for(hidden, num_topk),
-                                        1, 0, 0)
+                                        1, 0, 0, num_ranks_per_node or num_ranks)
         return spec.bytes_per_rank(num_ranks)
 
     def close(self) -> None:
@@ -246,5 +266,7 @@ class Buffer:
 
     def __repr__(self) -> str:
         transport = f", transport={self.transport!r}" if self.transport else ""
-        return (f"Buffer(axis={self.axis_name!r}, ranks={self.num_ranks}, "
+        nodes = self.num_ranks // self.num_ranks_per_node
+        nodes = f", nodes={nodes}x{self.num_ranks_per_node}" if nodes > 1 else ""
+        return (f"Buffer(axis={self.axis_name!r}, ranks={self.num_ranks}{nodes}, "
                 f"backend={self.backend!r}{transport}, checked={self.checked})")

@@ -103,7 +103,8 @@ def make_config(buffer: Buffer, num_tokens: int, num_topk: int, *, num_experts: 
         num_experts=num_experts, num_tokens=num_tokens, num_topk=num_topk,
         recv_capacity=recv_capacity, send_capacity=max(send_capacity, 1),
         expert_alignment=expert_alignment, checked=buffer.checked,
-        workspace_id=buffer.workspace_id)
+        workspace_id=buffer.workspace_id,
+        num_nodes=buffer.num_ranks // buffer.num_ranks_per_node)
 
 
 # ---------------------------------------------------------------- dispatch with its VJP

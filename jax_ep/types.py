@@ -31,10 +31,17 @@ class DispatchConfig:
     expert_alignment: int  # A
     checked: bool = False
     workspace_id: int = 0  # backend "cuda": the Buffer's device workspace
+    # Nodes of the EP axis (Buffer.num_ranks_per_node consecutive ranks each). combine reduces
+    # inside each node first (see docs/api.md); > 1 selects the internode kernels on "cuda".
+    num_nodes: int = 1
 
     @property
     def num_local_experts(self) -> int:
         return self.num_experts // self.num_ranks
+
+    @property
+    def num_ranks_per_node(self) -> int:
+        return self.num_ranks // self.num_nodes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +72,12 @@ class DispatchHandle:
       row_src: [C] int32, flat source slot (s * S + i) of each receive row, -1 when empty.
       row_weights: [C] float32 routing weight of each row (expert layout), else None.
       recv_count: [R] int32 tokens each source routed here (backend "cuda"), else None.
+      Internode kernels (backend "cuda", N = num_nodes > 1, G = ranks per node), else None:
+      node_pos: [T, N] int32 message slot of token t in the block sent to node n (its ranks
+        with the same local index as this one forward it), -1 if none.
+      fwd_slots: [N, T, G] int32 on the forwarder: for the q-th message from node n, the slot
+        its token took at local rank j of this node, -1 where it went nowhere.
+      node_recv_count: [N] int32 messages this rank forwarded from each node.
     """
 
     config: DispatchConfig
@@ -73,6 +86,9 @@ class DispatchHandle:
     row_src: Array
     row_weights: Optional[Array] = None
     recv_count: Optional[Array] = None
+    node_pos: Optional[Array] = None
+    fwd_slots: Optional[Array] = None
+    node_recv_count: Optional[Array] = None
 
 
 @dataclasses.dataclass(frozen=True)

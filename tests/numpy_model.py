@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import ml_dtypes
 import numpy as np
 
 __all__ = [
@@ -206,7 +207,8 @@ def dispatch(xs, idxs, ws, *, num_experts: int, layout: str = "token", recv_capa
 # --------------------------------------------------------------------------------------------
 # combine
 # --------------------------------------------------------------------------------------------
-def combine(ys, disp: list[ModelDispatch], *, layout: str, tokens: int, weighted: bool = True):
+def combine(ys, disp: list[ModelDispatch], *, layout: str, tokens: int, weighted: bool = True,
+            ranks_per_node: int | None = None):
     """Model of ``combine``: returns a list over ranks of ``[T, H]`` arrays of ``ys[0].dtype``.
 
     ys: list over ranks of ``[C, H]`` arrays. Accumulation is float32 in the contract's order
@@ -214,16 +216,20 @@ def combine(ys, disp: list[ModelDispatch], *, layout: str, tokens: int, weighted
     product ``w * y`` is rounded to float32 before it is added (no fused multiply-add), and the
     per-rank partial sum is rounded to ``y.dtype`` before the sum over ranks (it travels in the
     rows' dtype; a no-op for float32).
+    ``ranks_per_node`` G < R (several nodes): the ranks of each node are summed first (in order,
+    float32), that node partial is rounded to ``y.dtype`` when it is a 16-bit float, and the node
+    partials are summed in node order.
     ``weighted=False`` gives the unweighted sum (the contract's d dispatch / d x).
     """
     R = len(ys)
     H = ys[0].shape[1]
     out_dtype = ys[0].dtype
-    acc = [np.zeros((tokens, H), np.float32) for _ in range(R)]
+    # values[s][t]: {rank r: the float32 value rank r returns for token t of rank s}
+    values = [[{} for _ in range(tokens)] for _ in range(R)]
     if layout == "token":
         for r in range(R):
             for (p, s, t) in disp[r].rows:
-                acc[s][t] = acc[s][t] + ys[r][p].astype(np.float32)
+                values[s][t][r] = ys[r][p].astype(np.float32)
     elif layout == "expert":
         for r in range(R):
             slot_pos = {}
@@ -243,15 +249,33 @@ def combine(ys, disp: list[ModelDispatch], *, layout: str, tokens: int, weighted
                         partial = partial + w * yrow
                     else:
                         partial = partial + yrow
-                partial = partial.astype(out_dtype).astype(np.float32)  # travels as y.dtype
-                acc[s][t] = acc[s][t] + partial
+                values[s][t][r] = partial.astype(out_dtype).astype(np.float32)  # travels as y.dtype
     else:
         raise ValueError(layout)
-    return [a.astype(out_dtype) for a in acc]
+    per_node = ranks_per_node or R
+    num_nodes = R // per_node
+    half = out_dtype in (np.float16, ml_dtypes.bfloat16)
+    out = []
+    for s in range(R):
+        acc = np.zeros((tokens, H), np.float32)
+        for t in range(tokens):
+            if not values[s][t]:
+                continue  # nothing came back: zeros
+            for node in range(num_nodes):
+                part = np.zeros(H, np.float32)
+                for r in range(node * per_node, (node + 1) * per_node):
+                    if r in values[s][t]:
+                        part = part + values[s][t][r]
+                if num_nodes > 1 and half:
+                    part = part.astype(out_dtype).astype(np.float32)
+                acc[t] = part if num_nodes == 1 else acc[t] + part
+        out.append(acc.astype(out_dtype))
+    return out
 
 
-def combine_unweighted(ys, disp, *, layout, tokens):
-    return combine(ys, disp, layout=layout, tokens=tokens, weighted=False)
+def combine_unweighted(ys, disp, *, layout, tokens, ranks_per_node=None):
+    return combine(ys, disp, layout=layout, tokens=tokens, weighted=False,
+                   ranks_per_node=ranks_per_node)
 
 
 def topk_weights_grad(g_recv_w, disp: list[ModelDispatch], idxs, *, num_experts: int, layout: str):

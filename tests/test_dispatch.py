@@ -159,7 +159,7 @@ def test_random_configuration_matches_model(draw, rng):
     run_case(case, rng)
 
 
-def run_case(case, rng, exact_products=True):
+def run_case(case, rng, exact_products=True, ranks_per_node=None):
     """Runs one configuration and checks every output against the numpy model.
 
     The contract fixes the order of the float32 accumulation but not whether a compiler contracts
@@ -182,10 +182,14 @@ def run_case(case, rng, exact_products=True):
     y_dtype = DTYPES["bf16"] if fp8 else DTYPES[dtype]
     y = random_values(rng, (R * cap, H), y_dtype, mantissa_bits=16 if exact_products else None)
     ys = split(y, R)
-    model_out = nm.combine(ys, model, layout=layout, tokens=T)
+    model_out = nm.combine(ys, model, layout=layout, tokens=T, ranks_per_node=ranks_per_node)
 
     identity = not fp8 and C is None
-    with make_buffer(mesh, tokens=max(T, 1), hidden=H, topk=K) as buf:
+    if ranks_per_node is None:
+        buf = make_buffer(mesh, tokens=max(T, 1), hidden=H, topk=K)
+    else:  # nodes: the reference semantics in one process (the kernels need one per GPU)
+        buf = jax_ep.Buffer(mesh, "ep", backend="xla", num_ranks_per_node=ranks_per_node)
+    with buf:
         fn, seen = build_dispatch_combine(mesh, buf, num_experts=E, layout=layout,
                                           recv_capacity=C, expert_alignment=A, fp8=fp8,
                                           identity=identity)
@@ -241,7 +245,8 @@ def run_case(case, rng, exact_products=True):
         # rounding of the magnitudes involved, which can flip the rounding of a partial and of
         # the output to y.dtype.
         ys_abs = [np.abs(v.astype(np.float32)) for v in ys]
-        mags = np.concatenate(nm.combine(ys_abs, model, layout=layout, tokens=T))
+        mags = np.concatenate(nm.combine(ys_abs, model, layout=layout, tokens=T,
+                                         ranks_per_node=ranks_per_node))
         expected = np.concatenate(model_out).astype(np.float32)
         out_eps = float(ml_dtypes.finfo(y_dtype).eps) if y_dtype != np.float32 else 0.0
         bound = (R + K) * 2.0**-23 * mags + out_eps * (mags + np.abs(expected))
@@ -277,6 +282,64 @@ def run_case(case, rng, exact_products=True):
 def test_full_precision_weights(case, rng):
     """Unconstrained float32 weights and y: data movement exact, combine within rounding."""
     run_case(case, rng, exact_products=False)
+
+
+NODE_CASES = [
+    (Case(4, 33, 8, 4, 8, "token", 1, None, "bf16", "random"), 2),
+    (Case(4, 33, 8, 4, 8, "expert", 4, None, "bf16", "random+invalid"), 2),
+    (Case(4, 25, 8, 5, 12, "expert", 8, 21, "f16", "invalid+dup"), 1),  # overflow
+    (Case(4, 17, 8, 2, 4, "token", 1, 9, "f32", "skew"), 2),
+    (Case(8, 33, 8, 8, 16, "token", 1, None, "bf16", "random+empty"), 2),
+    (Case(8, 33, 8, 8, 16, "expert", 4, None, "bf16", "dup"), 4),
+    (Case(4, 40, 256, 3, 8, "token", 1, None, "fp8", "random"), 2),
+    (Case(4, 0, 8, 2, 8, "expert", 4, None, "f32", "random"), 2),
+]
+
+
+@pytest.mark.parametrize("case,per_node", NODE_CASES, ids=lambda v: str(v))
+def test_nodes_reduce_inside_each_node_first(case, per_node, rng):
+    """num_ranks_per_node < R (the internode kernels' semantics, on backend "xla" here):
+    dispatch is unchanged; combine sums each node's ranks, rounds that node partial to y.dtype
+    (16-bit) and sums the nodes in order, exactly as the numpy model."""
+    run_case(case, rng, ranks_per_node=per_node)
+
+
+def test_nodes_change_only_the_rounding(rng):
+    """The node grouping is visible: bf16 partials per node differ from the flat rank-order sum
+    on some tokens (else the test above could not tell the two orders apart)."""
+    R, T, H, K, E = 4, 64, 64, 4, 8
+    x, _, idx, w = make_inputs(rng, R, T, H, K, E, "bf16", "random")
+    models = nm.dispatch(split(x, R), split(idx, R), split(w, R), num_experts=E, layout="token")
+    ys = split(random_values(rng, (R * models[0].capacity, H), DTYPES["bf16"]), R)
+    flat = np.concatenate(nm.combine(ys, models, layout="token", tokens=T))
+    nodes = np.concatenate(nm.combine(ys, models, layout="token", tokens=T, ranks_per_node=2))
+    assert np.any(flat != nodes)
+    # ... by at most a few bf16 roundings of the magnitudes involved.
+    mags = np.concatenate(nm.combine([np.abs(v.astype(np.float32)) for v in ys], models,
+                                     layout="token", tokens=T)).astype(np.float32)
+    diff = np.abs(nodes.astype(np.float32) - flat.astype(np.float32))
+    assert np.all(diff <= 2.0**-6 * mags), np.max(diff - 2.0**-6 * mags)
+
+
+def test_nodes_gradient_of_dispatch(rng):
+    """d dispatch / d x with two nodes of two ranks is the node-grouped unweighted combine."""
+    R, T, H, K, E = 4, 21, 16, 3, 8
+    mesh = make_mesh(R)
+    x, _, idx, w = make_inputs(rng, R, T, H, K, E, "bf16", "random+dup")
+    models = nm.dispatch(split(x, R), split(idx, R), split(w, R), num_experts=E, layout="expert",
+                         expert_alignment=4)
+    cap = models[0].capacity
+    ct = random_values(rng, (R * cap, H), DTYPES["bf16"])
+    with jax_ep.Buffer(mesh, "ep", backend="xla", num_ranks_per_node=2) as buf:
+        def per_shard(x, idx, w, ct):
+            _, vjp = jax.vjp(lambda x: jax_ep.dispatch(
+                buf, x, idx, w, num_experts=E, layout="expert", expert_alignment=4).recv_x, x)
+            return vjp(ct)[0]
+
+        dx = jax.device_get(shard_jit(mesh, per_shard)(x, idx, w, ct))
+    want = nm.combine_unweighted(split(ct, R), models, layout="expert", tokens=T,
+                                 ranks_per_node=2)
+    assert_bits_equal(dx, np.concatenate(want), "d x with 2 nodes x 2 ranks")
 
 
 def test_default_capacity_equals_explicit(rng):

@@ -226,6 +226,45 @@ def test_cuda_backend_lowers_to_ep_custom_calls(layout, extension):
     assert {"jax_ep_dispatch", "jax_ep_combine", "jax_ep_broadcast"} <= targets, targets
 
 
+@pytest.mark.parametrize("layout", ["token", "expert"])
+def test_internode_lowers_to_internode_custom_calls(layout, extension):
+    """With two nodes of two ranks (DispatchConfig.num_nodes = 2) the forward and backward of
+    backend "cuda" lower to the internode targets (NVSHMEM extension), with the node fields."""
+    import re
+
+    from jax_ep import ops
+    from jax_ep.types import DispatchConfig
+
+    R, T, H, K, E = 4, 16, 256, 2, 8
+    mesh = make_mesh(R)
+    cap = ops.default_recv_capacity(layout, R, T, K, E // R, 4)
+    cfg = DispatchConfig(axis_name="ep", backend="cuda", layout=layout, num_ranks=R,
+                         num_experts=E, num_tokens=T, num_topk=K, recv_capacity=cap,
+                         send_capacity=T, expert_alignment=4, workspace_id=1, num_nodes=2)
+    seen = {}
+
+    def per_shard(x, idx, w):
+        res = ops._dispatch(cfg, x, None, idx, w)
+        seen["handle"] = res.handle
+        return ops._combine(cfg, res.recv_x * 2, res.handle)
+
+    def loss(x, w, idx):
+        f = jax.shard_map(per_shard, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))
+        return f(x, idx, w).astype(jnp.float32).sum()
+
+    x = jnp.ones((R * T, H), jnp.bfloat16)
+    idx = jnp.zeros((R * T, K), jnp.int32)
+    w = jnp.ones((R * T, K), jnp.float32)
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(x, w, idx).lower(
+        lowering_platforms=("cuda",)).as_text()
+    targets = set(re.findall(r"@(jax_ep_\w+)\(", text))
+    want = {"jax_ep_internode_dispatch", "jax_ep_internode_combine", "jax_ep_internode_broadcast"}
+    assert want <= targets and not {"jax_ep_dispatch", "jax_ep_combine"} & targets, targets
+    handle = seen["handle"]
+    assert handle.node_pos.shape == (T, 2)
+    assert handle.fwd_slots.shape == (2, T, 2) and handle.node_recv_count.shape == (2,)
+
+
 def test_nvshmem_transport_is_built_and_loads(extension):
     """The NVSHMEM transport compiles wherever the CUDA extension does (CI has nvcc) and, with
     NVSHMEM's host library installed, loads and draws unique IDs without a GPU."""
@@ -241,10 +280,16 @@ def test_nvshmem_transport_is_built_and_loads(extension):
         pytest.skip(str(e))
     assert module.version().startswith("3.")
     assert module.state() is None  # nothing initialised it in this process
+    # The internode handlers live there, bound to the main extension's workspaces at load.
+    assert set(module.registrations()) == {"jax_ep_internode_dispatch", "jax_ep_internode_combine",
+                                           "jax_ep_internode_broadcast"}
+    module.bind_workspace_api(extension.workspace_api())  # idempotent
+    with pytest.raises(TypeError):
+        module.bind_workspace_api(b"not a capsule")
     first, second = module.unique_id(), module.unique_id()
     assert len(first) == len(second) > 0 and first != second
     with pytest.raises(RuntimeError, match="not initialised"):
         module.mapping()
     with pytest.raises(ValueError, match="unique ID has"):
         module.init(b"short", 0, 1, 0)
-    assert extension.SIGNAL_BYTES == _ffi.SIGNAL_BYTES == 330752
+    assert extension.SIGNAL_BYTES == _ffi.SIGNAL_BYTES == 331776

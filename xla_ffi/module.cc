@@ -11,6 +11,7 @@
 #include "handlers.h"
 #include "layout/layout_kernels.h"
 #include "runtime/workspace.h"
+#include "runtime/workspace_api.h"
 
 namespace nb = nanobind;
 
@@ -67,9 +68,10 @@ NB_MODULE(_jax_ep_cuda, m) {
   m.def(
       "create_workspace",
       [](std::vector<std::vector<int>> groups, size_t slots_per_rank, size_t slot_bytes,
-         int num_blocks, int num_recv_blocks, uint64_t timeout_ns, nb::object mapping) {
+         int num_blocks, int num_recv_blocks, uint64_t timeout_ns, nb::object mapping,
+         int ranks_per_node) {
         jax_ep::WorkspaceConfig config{std::move(groups), slots_per_rank, slot_bytes, num_blocks,
-                                       num_recv_blocks, timeout_ns};
+                                       num_recv_blocks, timeout_ns, ranks_per_node};
         std::unique_ptr<jax_ep::PeerMapping> peers;
         if (mapping.is_none()) {
           peers = jax_ep::MakeP2PMapping();
@@ -95,9 +97,19 @@ NB_MODULE(_jax_ep_cuda, m) {
       },
       nb::arg("groups"), nb::arg("slots_per_rank"), nb::arg("slot_bytes"), nb::arg("num_blocks"),
       nb::arg("num_recv_blocks"), nb::arg("timeout_ns"), nb::arg("mapping") = nb::none(),
+      nb::arg("ranks_per_node") = 0,
       "Allocates the EP workspaces and maps the peers, loads the kernels; returns the workspace "
       "id. mapping=None: P2P in this process (groups: device ordinals of each EP group in rank "
-      "order); else a PeerMappingOps capsule (NVSHMEM; groups: PEs).");
+      "order); else a PeerMappingOps capsule (NVSHMEM; groups: PEs). ranks_per_node G < group "
+      "size: several nodes (NVSHMEM only): the internode message slots, no mapping across "
+      "nodes.");
+  m.def(
+      "workspace_api",
+      [] {
+        return nb::capsule(static_cast<const void*>(jax_ep::WorkspaceApi()),
+                           jax_ep::kWorkspaceApiCapsule);
+      },
+      "The workspace lookup table (a PyCapsule) the NVSHMEM extension's handlers bind.");
   m.def("release_workspace", &jax_ep::ReleaseWorkspace, nb::arg("id"),
         "Frees a workspace (waits for the devices first).");
   m.def(

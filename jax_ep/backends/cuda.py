@@ -1,16 +1,20 @@
-"""Backend "cuda": the intranode kernels (xla_ffi/intranode/) as XLA FFI calls.
+"""Backend "cuda": the intranode kernels (xla_ffi/intranode/) and, with several nodes
+(cfg.num_nodes > 1, one process per GPU), the internode ones (xla_ffi/internode/) as XLA FFI
+calls.
 
 The Backend protocol of base.py (dispatch, combine, weights_to_slots, broadcast_to_rows) with the
 semantics of xla.py and docs/api.md; the handle carries the kernels' own bookkeeping. The calls
 are the same over either transport: the workspace's transport picks direct or staged kernels.
-The routing prefix sums (slot of each token per destination, rank of each (token, k) among
-its expert's slots) are computed here with XLA before the exchange kernel.
+The routing prefix sums (slot of each token per destination rank and per destination node, rank
+of each (token, k) among its expert's slots) are computed here with XLA before the exchange.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jax import lax
 
 from .._ffi import result_type
 from ..layout import get_dispatch_layout
@@ -31,6 +35,29 @@ def _slot_ranks(topk_idx, num_experts: int):
     order; -1 where the entry names no valid expert (one ballot-scan block per expert)."""
     return jax.ffi.ffi_call("jax_ep_slot_ranks", _like(topk_idx, topk_idx.shape, jnp.int32))(
         topk_idx, num_experts=np.int64(num_experts))
+
+
+def _node_positions(cfg: DispatchConfig, send_pos):
+    """node_pos [T, N] int32: slot of token t among this rank's tokens that go to some rank of
+    node n (one message per token and other node), -1 where none does or n is this rank's own
+    node; tokens_per_node [N] int32 (0 for the own node)."""
+    num_tokens, per_node, num_nodes = cfg.num_tokens, cfg.num_ranks_per_node, cfg.num_nodes
+    my_node = lax.axis_index(cfg.axis_name) // per_node
+    sent = jnp.any((send_pos >= 0).reshape(num_tokens, num_nodes, per_node), axis=2)
+    sent = sent & (jnp.arange(num_nodes)[None, :] != my_node)
+    node_pos = jnp.where(sent, jnp.cumsum(sent, axis=0, dtype=jnp.int32) - 1, -1)
+    return node_pos.astype(jnp.int32), jnp.sum(sent, axis=0, dtype=jnp.int32)
+
+
+def _node_fields(handle: DispatchHandle):
+    """The internode handle fields, as extra operands of combine / broadcast (none in a node)."""
+    if handle.config.num_nodes == 1:
+        return ()
+    return handle.node_pos, handle.fwd_slots, handle.node_recv_count
+
+
+def _target(cfg: DispatchConfig, op: str) -> str:
+    return f"jax_ep_internode_{op}" if cfg.num_nodes > 1 else f"jax_ep_{op}"
 
 
 def dispatch(cfg: DispatchConfig, x, x_scales, topk_idx, topk_weights) -> DispatchResult:
@@ -60,15 +87,24 @@ def dispatch(cfg: DispatchConfig, x, x_scales, topk_idx, topk_weights) -> Dispat
         _like(x, (cap,), jnp.int32),                            # row_src
         _like(x, (num_ranks,), jnp.int32),                      # recv_count
     ]
-    (recv_x, recv_scales, recv_idx, recv_w, group_sizes, num_recv_rows, per_expert, num_dropped,
-     recv_rows, row_src, recv_count) = jax.ffi.ffi_call("jax_ep_dispatch", out_types)(
+    node_in, node_out = (), ()
+    if cfg.num_nodes > 1:
+        node_in = _node_positions(cfg, send_pos)                # node_pos, tokens_per_node
+        node_out = [_like(x, (cfg.num_nodes, num_tokens, cfg.num_ranks_per_node), jnp.int32),
+                    _like(x, (cfg.num_nodes,), jnp.int32)]     # fwd_slots, node_recv_count
+    outs = jax.ffi.ffi_call(_target(cfg, "dispatch"), out_types + list(node_out))(
         x, scales, topk_idx, topk_weights, pos_in_src, send_pos, layout.num_tokens_per_rank,
-        layout.num_tokens_per_expert, workspace_id=np.int64(cfg.workspace_id),
+        layout.num_tokens_per_expert, *node_in, workspace_id=np.int64(cfg.workspace_id),
         num_experts=np.int64(cfg.num_experts), recv_capacity=np.int64(cap),
         expert_alignment=np.int64(cfg.expert_alignment), send_capacity=np.int64(s_cap),
         expert_layout=expert)
+    (recv_x, recv_scales, recv_idx, recv_w, group_sizes, num_recv_rows, per_expert, num_dropped,
+     recv_rows, row_src, recv_count) = outs[:len(out_types)]
+    nodes = {}
+    if cfg.num_nodes > 1:
+        nodes = dict(node_pos=node_in[0], fwd_slots=outs[-2], node_recv_count=outs[-1])
     handle = DispatchHandle(cfg, send_pos, recv_rows, row_src, recv_w if expert else None,
-                            recv_count)
+                            recv_count, **nodes)
     return DispatchResult(
         recv_x=recv_x, recv_x_scales=None if x_scales is None else recv_scales,
         recv_topk_idx=recv_idx, recv_topk_weights=recv_w,
@@ -86,8 +122,8 @@ def _return(handle: DispatchHandle, rows, mode: int, weights=None):
     out_shape = (cfg.num_tokens, cfg.num_topk if mode == RETURN_GATHER_K else rows.shape[1])
     if weights is None:
         weights = jnp.zeros((0,), jnp.float32)
-    return jax.ffi.ffi_call("jax_ep_combine", _like(rows, out_shape, rows.dtype))(
-        rows, handle.recv_rows, handle.recv_count, weights, handle.send_pos,
+    return jax.ffi.ffi_call(_target(cfg, "combine"), _like(rows, out_shape, rows.dtype))(
+        rows, handle.recv_rows, handle.recv_count, weights, handle.send_pos, *_node_fields(handle),
         workspace_id=np.int64(cfg.workspace_id), mode=np.int64(mode),
         num_topk=np.int64(cfg.num_topk), send_capacity=np.int64(cfg.send_capacity))
 
@@ -113,9 +149,9 @@ def broadcast_to_rows(handle: DispatchHandle, values):
     """values [T, ...] -> [C, ...]: every receive row gets its token's value (cached layout)."""
     cfg = handle.config
     shape = (cfg.recv_capacity,) + values.shape[1:]
-    return jax.ffi.ffi_call("jax_ep_broadcast", _like(values, shape, values.dtype))(
-        values, handle.send_pos, handle.row_src, workspace_id=np.int64(cfg.workspace_id),
-        send_capacity=np.int64(cfg.send_capacity))
+    return jax.ffi.ffi_call(_target(cfg, "broadcast"), _like(values, shape, values.dtype))(
+        values, handle.send_pos, handle.row_src, *_node_fields(handle),
+        workspace_id=np.int64(cfg.workspace_id), send_capacity=np.int64(cfg.send_capacity))
 
 
 def peer_copy(buffer, src, include_self: bool = False):

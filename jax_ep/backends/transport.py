@@ -18,6 +18,10 @@ import numpy as np
 from .. import _bootstrap, _ffi
 
 
+def _align(n: int, a: int) -> int:
+    return -(-n // a) * a
+
+
 @dataclasses.dataclass(frozen=True)
 class WorkspaceSpec:
     """Sizes of one workspace (mirrors xla_ffi/runtime/workspace.h WorkspaceConfig)."""
@@ -27,10 +31,23 @@ class WorkspaceSpec:
     num_blocks: int       # grid of every kernel
     num_recv_blocks: int  # receive-only blocks of the SM split
     timeout_ns: int       # bound of every wait on a peer
+    ranks_per_node: int = 0  # G; 0 or R: one node (no internode area)
 
     def bytes_per_rank(self, num_ranks: int) -> int:
-        flags = -(-num_ranks * self.slots_per_rank * 8 // 256) * 256
-        return _ffi.SIGNAL_BYTES + flags + num_ranks * self.slots_per_rank * self.slot_bytes
+        flags = _align(num_ranks * self.slots_per_rank * 8, 256)
+        staging = num_ranks * self.slots_per_rank * self.slot_bytes
+        return _ffi.SIGNAL_BYTES + flags + staging + self.internode_bytes(num_ranks)
+
+    def internode_bytes(self, num_ranks: int) -> int:
+        """The network leg's area (Workspace::internode_bytes): per source node a message slot
+        per token (its arrival signal, the receive slot) and per destination node a send slot
+        (puts read symmetric memory), each message carrying up to MAX_RANKS forward slots."""
+        nodes = num_ranks // self.ranks_per_node if self.ranks_per_node else 1
+        if nodes <= 1:
+            return 0
+        message = self.slot_bytes + _align(4 * _ffi.MAX_RANKS, 16)
+        signals = _align(nodes * self.slots_per_rank * 8, 256)
+        return signals + 2 * nodes * self.slots_per_rank * message
 
 
 def _ints(spec: WorkspaceSpec):
@@ -42,6 +59,17 @@ class P2PTransport:
     """Every GPU of the EP groups in this process."""
 
     name = "p2p"
+
+    def ranks_per_node(self, groups: np.ndarray, requested) -> int:
+        """One process drives the whole EP axis: one node."""
+        num_ranks = groups.shape[1]
+        if requested is not None and requested < num_ranks:
+            raise ValueError(
+                f"num_ranks_per_node={requested} < {num_ranks} ranks selects the internode "
+                f"kernels of backend 'cuda', which run one process per GPU (NVSHMEM; "
+                f"jax.distributed): this mesh is driven by one process (transport 'p2p'). Use "
+                f"backend='xla' for the same semantics in one process")
+        return num_ranks
 
     def create_workspace(self, groups: np.ndarray, spec: WorkspaceSpec) -> int:
         ordinals = [[int(d.local_hardware_id) for d in g] for g in groups]
@@ -62,13 +90,23 @@ class NvshmemTransport:
     def __init__(self, timeout_s: float):
         self.timeout_s = max(float(timeout_s), 60.0)  # creation waits for the slowest process
 
+    def ranks_per_node(self, groups: np.ndarray, requested) -> int:
+        """`requested`, else the ranks of one host (hostnames through the key-value store)."""
+        if requested is not None:
+            return requested
+        hosts = _bootstrap.process_hosts(self.timeout_s)
+        return ranks_per_node_from_hosts(groups, hosts)
+
     def create_workspace(self, groups: np.ndarray, spec: WorkspaceSpec) -> int:
         mine = [d for d in groups.ravel() if d.process_index == jax.process_index()]
         device = int(mine[0].local_hardware_id)
         bytes_needed = spec.bytes_per_rank(groups.shape[1])
         ext = _bootstrap.init_nvshmem(device, heap_bytes=bytes_needed, timeout_s=self.timeout_s)
         pes = [[int(d.process_index) for d in g] for g in groups]
-        workspace_id = _ffi.extension().create_workspace(pes, *_ints(spec), ext.mapping())
+        workspace_id = _ffi.extension().create_workspace(pes, *_ints(spec), ext.mapping(),
+                                                         int(spec.ranks_per_node))
+        if 0 < spec.ranks_per_node < groups.shape[1]:
+            ext.preload(device)  # the internode kernels (this extension's), outside jit
         # Every process has zeroed its signal area before any peer's first kernel writes to it.
         _bootstrap.barrier("workspace_created", self.timeout_s)
         return workspace_id
@@ -79,6 +117,30 @@ class NvshmemTransport:
 
     def error(self, workspace_id: int) -> str:
         return _ffi.extension().workspace_error(workspace_id)
+
+
+def ranks_per_node_from_hosts(groups: np.ndarray, hosts) -> int:
+    """G for EP groups [Gs, R] of devices whose processes run on hosts[process_index]: the
+    ranks of one host must be consecutive on the EP axis and every host must hold as many."""
+    sizes = set()
+    for group in groups:
+        names = [hosts[d.process_index] for d in group]
+        runs = [1]
+        for prev, cur in zip(names, names[1:]):
+            if cur == prev:
+                runs[-1] += 1
+            else:
+                runs.append(1)
+        if len(runs) != len(set(names)) or len(set(runs)) != 1:
+            raise ValueError(
+                f"jax_ep: the EP axis spans hosts {names} (in rank order): the internode kernels "
+                f"need each host's ranks consecutive and equally many per host; order the mesh "
+                f"that way or pass num_ranks_per_node")
+        sizes.add(runs[0])
+    if len(sizes) != 1:
+        raise ValueError(f"jax_ep: EP groups with different ranks per host {sorted(sizes)}: pass "
+                         f"num_ranks_per_node")
+    return sizes.pop()
 
 
 def process_layout(groups: np.ndarray) -> str:

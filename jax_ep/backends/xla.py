@@ -51,14 +51,26 @@ def exchange_forward(cfg: DispatchConfig, send_pos, values):
 
 
 def exchange_back_and_sum(cfg: DispatchConfig, send_pos, blocks):
-    """Inverse of exchange_forward, summing over ranks 0..R-1 in that order in float32.
+    """Inverse of exchange_forward, summing over ranks in float32.
 
+    One node (cfg.num_nodes == 1): over ranks 0..R-1 in that order. Several nodes: each node's
+    ranks in order give a node partial, rounded to the values' dtype when that is a 16-bit
+    float (it crosses the network in it), then the node partials are summed in node order.
     blocks: [R, S, ...] a value per received (source rank, slot). Returns [T, ...] float32.
     """
     back = lax.all_to_all(blocks, cfg.axis_name, 0, 0, tiled=True)  # [R(dest), S, ...]
+    per_node = cfg.num_ranks_per_node
+    travels_as = blocks.dtype if blocks.dtype in (jnp.bfloat16, jnp.float16) else None
     out = jnp.zeros((cfg.num_tokens,) + back.shape[2:], f32)
-    for d in range(cfg.num_ranks):
-        out = out + _take_rows(back[d], send_pos[:, d], cfg.send_capacity).astype(f32)
+    for node in range(cfg.num_nodes):
+        part = jnp.zeros((cfg.num_tokens,) + back.shape[2:], f32)
+        for d in range(node * per_node, (node + 1) * per_node):
+            part = part + _take_rows(back[d], send_pos[:, d], cfg.send_capacity).astype(f32)
+        if cfg.num_nodes == 1:
+            return part
+        if travels_as is not None:
+            part = part.astype(travels_as).astype(f32)
+        out = out + part
     return out
 
 

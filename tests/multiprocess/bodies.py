@@ -28,9 +28,11 @@ __all__ = ["checks", "exchange", "gradients", "moe_layer", "back_to_back", "miss
 
 
 class Group:
-    """The global EP mesh (one device per process, in process order) and this process's rank."""
+    """The global EP mesh (one device per process, in process order) and this process's rank.
+    ranks_per_node: "virtual nodes" of that many consecutive ranks (None: the host)."""
 
-    def __init__(self):
+    def __init__(self, ranks_per_node=None):
+        self.ranks_per_node = ranks_per_node
         devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
         self.mesh = Mesh(np.array(devices), ("ep",))
         self.num_ranks = len(devices)
@@ -42,9 +44,12 @@ class Group:
 
     def buffer(self, *, tokens, hidden, topk, **kw) -> jax_ep.Buffer:
         buf = jax_ep.Buffer(self.mesh, "ep", backend=self.backend, max_tokens_per_rank=tokens,
-                            hidden=hidden, num_topk=topk, **kw)
+                            hidden=hidden, num_topk=topk,
+                            num_ranks_per_node=self.ranks_per_node, **kw)
         if self.backend == "cuda":
             assert buf.transport == ("nvshmem" if self.num_ranks > 1 else "p2p"), buf
+        # One host here: without virtual nodes, one node.
+        assert buf.num_ranks_per_node == (self.ranks_per_node or self.num_ranks), buf
         return buf
 
     def put(self, host: np.ndarray, spec=P("ep")) -> jax.Array:
@@ -106,9 +111,9 @@ def _exchange_program(g: Group, buf, *, num_experts, layout, capacity, alignment
     return g.shard_jit(f)
 
 
-def exchange(seed: int) -> dict:
+def exchange(seed: int, ranks_per_node=None) -> dict:
     """Both layouts, BF16/F16/F32/FP8, skew, -1, invalid, overflow, T = 0: bit-exact."""
-    g = Group()
+    g = Group(ranks_per_node)
     R, r = g.num_ranks, g.rank
     sizes = [max(c[j] for c in EXCHANGE_CASES) for j in range(3)]
     with g.buffer(tokens=sizes[0], hidden=sizes[1], topk=sizes[2]) as buf:
@@ -124,7 +129,8 @@ def exchange(seed: int) -> dict:
             model, cap = models[r], models[r].capacity
             y_dtype = DTYPES["bf16"] if fp8 else DTYPES[dtype]
             y = random_values(rng, (R * cap, H), y_dtype, mantissa_bits=16)
-            want_combine = nm.combine(split(y, R), models, layout=layout, tokens=T)[r]
+            want_combine = nm.combine(split(y, R), models, layout=layout, tokens=T,
+                                      ranks_per_node=ranks_per_node)[r]
             args = {"x": g.put(x), "idx": g.put(idx), "w": g.put(w), "y": g.put(y)}
             if fp8:
                 args["scales"] = g.put(scales)
@@ -152,10 +158,10 @@ def exchange(seed: int) -> dict:
 # ------------------------------------------------------------------------------ gradients
 
 
-def gradients(seed: int) -> dict:
+def gradients(seed: int, ranks_per_node=None) -> dict:
     """The VJPs of dispatch (d x, d topk_weights) and combine (d y) against the contract's
     closed forms in the numpy model; all values exact in float32, so compared bitwise."""
-    g = Group()
+    g = Group(ranks_per_node)
     R, r = g.num_ranks, g.rank
     T, H, K, E = 21, 24, 3, 4 * g.num_ranks
     checked = 0
@@ -181,7 +187,8 @@ def gradients(seed: int) -> dict:
             w_cols = (cap, K) if layout == "token" else (cap,)
             ct_w = random_values(rng, (R * w_cols[0],) + w_cols[1:], np.float32, mantissa_bits=8)
             dx, dw = g.blocks(vjp((g.put(ct_x), g.put(ct_w))))
-            want_dx = nm.combine_unweighted(split(ct_x, R), models, layout=layout, tokens=T)[r]
+            want_dx = nm.combine_unweighted(split(ct_x, R), models, layout=layout, tokens=T,
+                                            ranks_per_node=ranks_per_node)[r]
             want_dw = nm.topk_weights_grad(split(ct_w, R), models, split(idx, R), num_experts=E,
                                            layout=layout)[r]
             assert_bits_equal(dx, want_dx, f"d x {tag}")
@@ -214,14 +221,14 @@ def gradients(seed: int) -> dict:
 # ------------------------------------------------------------------------------ Flax layer
 
 
-def moe_layer(seed: int) -> dict:
+def moe_layer(seed: int, ranks_per_node=None) -> dict:
     """jax_ep.nn.MoE forward and backward (d x, d expert weights) in multi-process mode against
     the dense single-device reference of the same parameters."""
     from flax import nnx  # noqa: PLC0415
 
     from jax_ep import nn  # noqa: PLC0415
 
-    g = Group()
+    g = Group(ranks_per_node)
     R, r = g.num_ranks, g.rank
     n, H, F, E, K = 16 * R, 32, 48, 2 * R, 2
     rng = np.random.default_rng(seed + 200)
@@ -267,10 +274,10 @@ def moe_layer(seed: int) -> dict:
 # ------------------------------------------------------------------------------ endurance
 
 
-def back_to_back(seed: int, calls: int = 200) -> dict:
+def back_to_back(seed: int, calls: int = 200, ranks_per_node=None) -> dict:
     """`calls` expert-layout dispatch+combine round trips in one program: weights summing to
     exactly 1 make each trip the exact identity, so any stale read or drift shows."""
-    g = Group()
+    g = Group(ranks_per_node)
     R, r = g.num_ranks, g.rank
     T, H, K, E = 64, 128, 4, 4 * R
     rng = np.random.default_rng(seed + 300)
@@ -300,14 +307,14 @@ def back_to_back(seed: int, calls: int = 200) -> dict:
 # ------------------------------------------------------------------------------ timeouts
 
 
-def missing_rank(seed: int) -> dict:
+def missing_rank(seed: int, ranks_per_node=None) -> dict:
     """Every rank runs the same program, but only rank 0 takes the branch that dispatches (a
     divergent control-flow bug): rank 0's kernel must give up within its bound and name itself,
     the phase and the peer (backend "cuda" only). The others stay alive until rank 0 has
     reported, so their workspaces stay mapped."""
     from jax._src.distributed import global_state  # noqa: PLC0415
 
-    g = Group()
+    g = Group(ranks_per_node)
     client = global_state.client
     T, H, K, E = 8, 128, 2, 2 * g.num_ranks
     buf = g.buffer(tokens=T, hidden=H, topk=K, timeout_s=3.0)
@@ -346,13 +353,14 @@ def missing_rank(seed: int) -> dict:
     return {"rank": 0, "raised": raised, "report": report}
 
 
-def checks(seed: int) -> dict:
+def checks(seed: int, ranks_per_node=None) -> dict:
     """exchange, gradients, moe_layer and back_to_back in one set of processes (process start,
-    NVSHMEM initialisation and compilation dominate a run; on one GPU the ranks time-slice)."""
+    NVSHMEM initialisation and compilation dominate a run; on one GPU the ranks time-slice).
+    ranks_per_node: virtual nodes (backend "cuda": the internode kernels)."""
     out = {}
     for body in (exchange, gradients, moe_layer, back_to_back):
         start = time.monotonic()
-        out[body.__name__] = body(seed)
+        out[body.__name__] = body(seed, ranks_per_node=ranks_per_node)
         out[body.__name__]["seconds"] = round(time.monotonic() - start, 2)
         print(f"{body.__name__}: {out[body.__name__]}", flush=True)
     return out

@@ -6,6 +6,7 @@ processes time-slice the GPU). Inputs are drawn from a fresh seed (printed) that
 shares; each checks its own rank against the numpy model.
 """
 import os
+import re
 
 import pytest
 
@@ -25,11 +26,11 @@ def _backend() -> str:
     return os.environ.get("JAX_EP_TEST_BACKEND") or ("cuda" if launcher.local_gpus() else "xla")
 
 
-def _run(body, num_processes, seed, **kw):
+def _run(body, num_processes, seed, params=None, **kw):
     if _backend() == "xla" and launcher.local_gpus() and launcher.local_gpus() < num_processes:
         pytest.skip("backend 'xla' needs a GPU per process: XLA collectives (NCCL) refuse "
                     "processes that share a GPU")
-    return launcher.run(body, num_processes, params={"seed": seed}, **kw)
+    return launcher.run(body, num_processes, params={"seed": seed, **(params or {})}, **kw)
 
 
 @pytest.mark.parametrize("num_processes", RANKS)
@@ -48,14 +49,38 @@ def test_multiprocess_matches_model(num_processes, seed):
         assert r.result["back_to_back"]["calls"] == 200
 
 
-@pytest.mark.parametrize("num_processes", RANKS)
-def test_missing_rank_times_out_naming_rank_and_phase(num_processes, seed):
+# Virtual nodes on this host: 2 nodes x 1 rank and 2 nodes x 2 ranks (backend "cuda": the
+# internode kernels, NVSHMEM puts between the nodes, even on one GPU).
+NODES = [(2, 1), (4, 2)]
+
+
+@pytest.mark.parametrize("num_processes,per_node", NODES, ids=["2x1", "2x2"])
+def test_internode_matches_model(num_processes, per_node, seed):
+    """The checks of test_multiprocess_matches_model with num_ranks_per_node: bit-exact
+    dispatch of both layouts in every dtype with skew, -1, invalid ids, overflow and T = 0;
+    combine reducing inside each node first (the numpy model's node order); the VJPs; the MoE
+    layer; 200 back-to-back round trips."""
+    results = _run("bodies:checks", num_processes, seed, {"ranks_per_node": per_node})
+    for r in results:
+        print(f"rank {r.rank}: {r.result}")
+        assert r.result["exchange"]["cases"] == 12
+        assert r.result["gradients"]["checked"] == 4
+        assert r.result["moe_layer"]["max_abs_y"] > 0
+        assert r.result["back_to_back"]["calls"] == 200
+
+
+@pytest.mark.parametrize("num_processes,per_node", [(n, None) for n in RANKS] + NODES,
+                         ids=[f"{n}" for n in RANKS] + ["2x1", "2x2"])
+def test_missing_rank_times_out_naming_rank_and_phase(num_processes, per_node, seed):
     if _backend() != "cuda":
         pytest.skip("timeouts are the cuda kernels' (backend 'xla' waits in XLA's collectives)")
-    results = _run("bodies:missing_rank", num_processes, seed, check=False, timeout_s=150)
+    results = _run("bodies:missing_rank", num_processes, seed, {"ranks_per_node": per_node},
+                   check=False, timeout_s=150)
     text = results[0].output
-    assert "rank 0 timed out in dispatch (entry barrier) waiting for rank 1" in text, (
-        results[0].tail(80))
+    # Rank 0 waits for every peer at once (over the network too, with nodes): any may be named.
+    peers = "|".join(str(p) for p in range(1, num_processes))
+    assert re.search(rf"rank 0 timed out in dispatch \(entry barrier\) waiting for rank "
+                     rf"({peers})\b", text), results[0].tail(80)
     assert all(r.returncode is not None or r.rank != 0 for r in results), "rank 0 was killed"
 
 

@@ -18,12 +18,17 @@
 
 namespace jax_ep {
 
+__host__ __device__ constexpr size_t Align16(size_t v) { return (v + 15) / 16 * 16; }
+
 constexpr int kMaxRanks = 16;
 constexpr int kMaxBlocks = 256;
 constexpr int kMaxLocalExperts = 1024;
 constexpr int kMaxExperts = 4096;
 constexpr int kMaxTopk = 32;
-constexpr int kCountStride = kMaxRanks + kMaxExperts;  // [tokens per rank..., per expert...]
+// A rank's routing counts: [tokens per rank (kMaxRanks) | per node (kMaxRanks) | per expert].
+constexpr int kCountNodes = kMaxRanks;        // column of node 0 (internode kernels only)
+constexpr int kCountExperts = 2 * kMaxRanks;  // column of expert 0
+constexpr int kCountStride = kCountExperts + kMaxExperts;
 constexpr int kNumPtrs = 4;  // dispatch outputs peers write into: recv_x, scales, topk idx, weights
 
 // Byte offsets inside every rank's workspace (identical on all ranks).
@@ -48,7 +53,7 @@ constexpr size_t kLLDoneOffset = kLLInflightOffset + 8 * 4;    // u32 [2 ops][2 
 // kept per parity, never one running maximum.
 constexpr size_t kLLConsumedOffset = kLLDoneOffset + 8 * 4;    // u64 [2 ops][2 parities][kMaxRanks]
 constexpr size_t kSignalBytes = (kLLConsumedOffset + 8ull * 4 * kMaxRanks + 255) / 256 * 256;
-static_assert(kSignalBytes == 330752, "keep jax_ep/_ffi.py SIGNAL_BYTES in sync");
+static_assert(kSignalBytes == 331776, "keep jax_ep/_ffi.py SIGNAL_BYTES in sync");
 
 // Phases named in timeout reports.
 enum Phase : int {
@@ -56,6 +61,7 @@ enum Phase : int {
   kPhaseFree = 5,      // low latency: waiting for a peer to receive the previous call on a parity
   kPhaseNoSend = 6,    // misuse: a receive whose ticket is not in flight
   kPhaseBusy = 7,      // misuse: a send onto a parity whose previous send was not received
+  kPhaseNetwork = 8,   // internode: waiting for a message from a peer of another node
 };
 enum Op : int {
   kOpDispatch = 1, kOpCombine = 2, kOpBroadcast = 3, kOpPeerCopy = 4,
@@ -74,6 +80,7 @@ __host__ __device__ inline const char* PhaseName(int phase) {
          : phase == kPhaseFree ? "waiting for the peer to receive the previous call on this buffer"
          : phase == kPhaseNoSend ? "receive without its send: the ticket's generation is not in flight"
          : phase == kPhaseBusy ? "send while the previous send on this buffer parity was not received"
+         : phase == kPhaseNetwork ? "waiting for a message over the network"
          : "waiting for peer data";
 }
 
@@ -105,6 +112,22 @@ struct CommArgs {
   // Peers cannot address this rank's XLA buffers (they live in another process): every row
   // travels through the workspaces, which the transport maps for all ranks.
   bool staged;
+};
+
+// The nodes of an EP group, for the internode kernels (internode/): ranks [n * G, (n + 1) * G)
+// form node n. Inside a node ranks use loads and stores (CommArgs::peer_ws; null for the ranks
+// of other nodes); across nodes a rank talks only to the ranks with its local index, through
+// NVSHMEM puts with signals into per-node message slots of its own workspace (symmetric memory:
+// the same offsets on every rank, so a local address names the peer's slot too).
+struct NodeComm {
+  int pes[kMaxRanks];     // NVSHMEM PE of every rank
+  int ranks_per_node;     // G
+  int num_nodes;          // N = R / G
+  size_t signals_offset;  // u64 [N][slots]: arrival signal of each message slot, by source node
+  size_t recv_offset;     // [N][slots] messages, by source node
+  size_t send_offset;     // [N][slots] messages, by destination node (puts read symmetric memory)
+  size_t slots;           // message slots per node (= slots_per_rank)
+  size_t message_stride;  // bytes per message slot (this call)
 };
 
 }  // namespace jax_ep

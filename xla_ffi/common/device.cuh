@@ -17,7 +17,6 @@ constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFull = 0xffffffffu;
 
-__host__ __device__ constexpr size_t Align16(size_t v) { return (v + 15) / 16 * 16; }
 
 // ------------------------------------------------------------------ flags and bounded waits
 

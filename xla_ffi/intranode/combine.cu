@@ -1,10 +1,11 @@
 // Combine kernels: the token-layout pull, the push family (expert layout; token layout when
 // staged) and combine's VJP (broadcast). See intranode.h for how each moves data.
-#include "../common/device.cuh"
-#include "intranode.h"
+#include "return_kernel.cuh"
 
 namespace jax_ep {
 namespace {
+
+using return_kernel::ReturnKernel;
 
 // Token-layout combine (kReturnRows): every rank pulls its tokens' rows straight from the peers'
 // y and sums them; no staging. Each rank publishes (y, first row of peer x's tokens in y) before
@@ -55,83 +56,6 @@ __global__ void __launch_bounds__(kThreads, 1) PullRowsKernel(CommArgs c, Return
   }
 }
 
-// Push combine family (kReturnWeighted, kReturnGatherK; kReturnRows when staged, with K = 1: the
-// row of each slot is recv_rows [R, S]): every block first pushes one
-// value per received slot into the source's staging and raises the slot's arrival flag, then
-// sums its tokens' values over ranks as soon as they have landed (no grid-wide wait). The push
-// (the weighted sums) is the heavy half and latency-bound per warp, so every warp does it.
-// Measured slower on EP2 (DeepEP config, this version 266 us): an SM split (461-530 us against
-// 417 us, older version); computing the own-rank value in the receive phase straight into out,
-// which saves its staging round trip (325 us), also with an SM split (285-369 us).
-template <typename E, int kPack>
-__global__ void __launch_bounds__(kThreads, 1) ReturnKernel(CommArgs c, ReturnArgs a) {
-  const int lane = threadIdx.x % 32;
-  const int num_ranks = c.num_ranks, rank = c.rank, num_topk = a.num_topk;
-  const int cap = a.recv_capacity, s_cap = a.send_capacity, width = a.width;
-  const E* y = static_cast<const E*>(a.y);
-  const Roles roles(0);
-
-  __shared__ int s_num_in[kMaxRanks];
-  if (threadIdx.x < num_ranks) s_num_in[threadIdx.x] = min(a.recv_count[threadIdx.x], s_cap);
-  EntryBarrier(c, kOpCombine);  // its __syncthreads publishes s_num_in
-
-  if (roles.sender) {
-    // Slot-major across sources, remote ones first: every warp's stores alternate between the
-    // peers and this rank, so NVLink and local HBM work at once (source-major order kept each
-    // rank's outbound link idle while it reduced its own slots).
-    int max_in = 0;
-    for (int s = 0; s < num_ranks; ++s) max_in = max(max_in, s_num_in[s]);
-    for (int q = roles.swarp; q < num_ranks * max_in; q += roles.num_swarps) {
-      const int i = q / num_ranks, s = (rank + 1 + q % num_ranks) % num_ranks;
-      if (i >= s_num_in[s]) continue;
-      const size_t src_slot = size_t(s) * s_cap + i;
-      uint8_t* dst = Slot(c, s, rank, i);
-      const int my_row = lane < num_topk ? a.recv_rows[src_slot * num_topk + lane] : cap;
-      if (a.mode == kReturnGatherK) {
-        if (lane < num_topk) {
-          reinterpret_cast<float*>(dst)[lane] =
-              my_row < cap ? reinterpret_cast<const float*>(a.y)[my_row] : 0.f;
-        }
-      } else {
-        const float my_w = a.row_weights != nullptr && my_row < cap ? a.row_weights[my_row] : 1.f;
-        SumRows<E, kPack, false>(
-            __ballot_sync(kFull, my_row < cap),
-            [&](int k) { return y + size_t(__shfl_sync(kFull, my_row, k)) * width; },
-            [&](int k) { return __shfl_sync(kFull, my_w, k); }, width, reinterpret_cast<E*>(dst),
-            lane);
-      }
-      __syncwarp();  // the lanes' stores precede lane 0's release (cumulativity)
-      if (lane == 0) StoreRelease(SlotFlag(c, s, rank, i), c.epoch);
-    }
-  }
-  if (!roles.receiver) return;
-
-  // out[t] = sum over ranks d (in order) of the value d returned, float32.
-  for (int t = roles.rwarp; t < a.num_tokens; t += roles.num_rwarps) {
-    const int my_slot = lane < num_ranks ? a.send_pos[size_t(t) * num_ranks + lane] : -1;
-    const unsigned from = __ballot_sync(kFull, my_slot >= 0);
-    if (my_slot >= 0) WaitFlag(SlotFlag(c, rank, lane, my_slot), c, kOpCombine, kPhaseSent, lane);
-    __syncwarp();
-    if (a.mode == kReturnGatherK) {
-      float acc = 0.f;
-      for (unsigned m = from; m; m &= m - 1) {
-        const int d = __ffs(m) - 1;
-        const int slot = __shfl_sync(kFull, my_slot, d);
-        if (lane < num_topk) {
-          acc = __fadd_rn(acc, LoadStaged<float>(Slot(c, rank, d, slot), lane));
-        }
-      }
-      if (lane < num_topk) static_cast<float*>(a.out)[size_t(t) * num_topk + lane] = acc;
-      continue;
-    }
-    SumRows<E, kPack, false>(
-        from,
-        [&](int d) {
-          return reinterpret_cast<const E*>(Slot(c, rank, d, __shfl_sync(kFull, my_slot, d)));
-        },
-        [](int) { return 1.f; }, width, static_cast<E*>(a.out) + size_t(t) * width, lane);
-  }
-}
 
 // ------------------------------------------------------------------ broadcast (combine's VJP)
 
@@ -179,17 +103,21 @@ cudaError_t LaunchReturnE(const CommArgs& c, const ReturnArgs& a, cudaStream_t s
   constexpr int kPack = 16 / sizeof(E);
   const bool vec = a.mode != kReturnGatherK && a.width % kPack == 0;
   const bool pull = a.mode == kReturnRows && !c.staged;  // staged: peers cannot read y
-  auto kernel = pull ? (vec ? PullRowsKernel<E, kPack> : PullRowsKernel<E, 1>)
-                     : (vec ? ReturnKernel<E, kPack> : ReturnKernel<E, 1>);
   ReturnArgs b = a;
   if (a.mode == kReturnRows) b.num_topk = 1;  // one row per slot: recv_rows is [R, S]
-  kernel<<<c.num_blocks, kThreads, 0, stream>>>(c, b);
+  if (pull) {
+    auto kernel = vec ? PullRowsKernel<E, kPack> : PullRowsKernel<E, 1>;
+    kernel<<<c.num_blocks, kThreads, 0, stream>>>(c, b);
+  } else {
+    auto kernel = vec ? ReturnKernel<E, kPack, DirectNet> : ReturnKernel<E, 1, DirectNet>;
+    kernel<<<c.num_blocks, kThreads, 0, stream>>>(c, b, Flat{});
+  }
   return cudaGetLastError();
 }
 
 template <typename E, int kPack>
 void TouchReturnKernels(cudaError_t& err) {
-  Touch(err, ReturnKernel<E, kPack>), Touch(err, ReturnKernel<E, 1>);
+  Touch(err, ReturnKernel<E, kPack, DirectNet>), Touch(err, ReturnKernel<E, 1, DirectNet>);
   Touch(err, PullRowsKernel<E, kPack>), Touch(err, PullRowsKernel<E, 1>);
 }
 
@@ -205,12 +133,6 @@ cudaError_t LaunchReturn(const CommArgs& c, const ReturnArgs& a, cudaStream_t st
     case kBF16: return LaunchReturnE<__nv_bfloat16>(c, a, stream);
     default: return LaunchReturnE<__half>(c, a, stream);
   }
-}
-
-size_t ReturnSlotBytes(int width, ElemType elem, ReturnMode mode, int num_topk) {
-  if (mode == kReturnGatherK) return Align16(size_t(num_topk) * 4);
-  const size_t item = elem == kF32 ? 4 : 2;
-  return Align16(size_t(width) * item);
 }
 
 cudaError_t PreloadCombineKernels() {

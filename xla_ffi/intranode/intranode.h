@@ -58,6 +58,11 @@ struct DispatchArgs {
   int32_t* recv_rows;         // token [R, S] / expert [R, S, K]
   int32_t* row_src;           // [C]
   int32_t* recv_count;        // [R] tokens each source routed here
+  // Internode kernels only (N nodes of G ranks; see internode/internode.h), else null.
+  const int32_t* node_pos;         // [T, N] message slot of token t to node n, -1 if none
+  const int32_t* tokens_per_node;  // [N] messages to each node
+  int32_t* fwd_slots;              // [N, T, G] out: forward slots of each message I forwarded
+  int32_t* node_recv_count;        // [N] out: messages I forwarded from each node
 };
 
 // Combine family: every rank produces one value row per received slot for the slot's source,
@@ -81,6 +86,10 @@ struct ReturnArgs {
   const int32_t* send_pos;    // [T, R]
   void* out;                  // [T, width] elem (kGatherK: float [T, K])
   int num_tokens, num_topk, recv_capacity, send_capacity;
+  // Internode kernels only (the dispatch handle's; see DispatchArgs), else null.
+  const int32_t* node_pos;         // [T, N]
+  const int32_t* fwd_slots;        // [N, T, G]
+  const int32_t* node_recv_count;  // [N]
 };
 
 // Broadcast (combine's backward): rows[p] = values[token of row p], cached layout.
@@ -91,6 +100,10 @@ struct BroadcastArgs {
   const int32_t* row_src;     // [C]
   uint8_t* rows;              // [C, row_bytes]
   int num_tokens, recv_capacity, send_capacity;
+  // Internode kernels only (the dispatch handle's; see DispatchArgs), else null.
+  const int32_t* node_pos;         // [T, N]
+  const int32_t* fwd_slots;        // [N, T, G]
+  const int32_t* node_recv_count;  // [N]
 };
 
 // The NVLink ceiling the benchmarks compare against: rank r pushes block d of `src` into rank
@@ -119,9 +132,32 @@ cudaError_t PreloadDispatchKernels();
 cudaError_t PreloadCombineKernels();
 cudaError_t PreloadPeerCopyKernel();
 
+// Staging slot of a dispatch: one token's routing metadata [topk idx | topk weights |
+// pos_in_src] (K entries each) and, when staged, its row and scales (direct: the row goes straight
+// to the receiver's output and the slot is used by the expert layout only).
+// A message of the internode network leg is a staged slot followed by the slot the token takes
+// at each rank of the destination node ([G] int32 at `bytes`, -1: not there).
+struct DispatchSlot {
+  size_t idx_off, w_off, pos_off, row_off, scales_off, bytes;
+  __host__ __device__ DispatchSlot(int num_topk, size_t row_bytes, int num_scales, bool staged)
+      : idx_off(0), w_off(size_t(num_topk) * 4), pos_off(size_t(num_topk) * 8),
+        row_off(Align16(size_t(num_topk) * 12)), scales_off(row_off + Align16(row_bytes)),
+        bytes(staged ? scales_off + Align16(size_t(num_scales) * 4) : row_off) {}
+  __host__ __device__ size_t message_bytes(int ranks_per_node) const {
+    return bytes + Align16(size_t(ranks_per_node) * 4);
+  }
+};
+
 // Bytes of one staging slot for each op (16-byte aligned pieces). A staged dispatch slot also
 // carries the row and its scales.
-size_t DispatchSlotBytes(int num_topk, size_t row_bytes, int num_scales, bool staged);
-size_t ReturnSlotBytes(int width, ElemType elem, ReturnMode mode, int num_topk);
+inline size_t DispatchSlotBytes(int num_topk, size_t row_bytes, int num_scales, bool staged) {
+  return DispatchSlot(num_topk, row_bytes, num_scales, staged).bytes;
+}
+
+inline size_t ReturnSlotBytes(int width, ElemType elem, ReturnMode mode, int num_topk) {
+  if (mode == kReturnGatherK) return Align16(size_t(num_topk) * 4);
+  const size_t item = elem == kF32 ? 4 : 2;
+  return Align16(size_t(width) * item);
+}
 
 }  // namespace jax_ep

@@ -5,18 +5,16 @@
 
 #include <string>
 
-#include "../common/ffi_util.h"
-#include "../runtime/workspace.h"
 #include "../handlers.h"
-#include "intranode.h"
+#include "../runtime/workspace.h"
+#include "intranode_ffi.h"
 
 namespace jax_ep {
 namespace {
 
-using S32 = ffi::Buffer<ffi::S32>;
-using F32 = ffi::Buffer<ffi::F32>;
-
-ffi::Error Invalid(const std::string& msg) { return InvalidArgument("jax_ep", msg); }
+Capacity CapacityOf(const Workspace& ws) {
+  return {ws.config().slots_per_rank, ws.config().slot_bytes};
+}
 
 // The workspace and this device's place in it, or an error naming what is wrong.
 ffi::Error Lookup(int64_t workspace_id, int32_t device, Workspace** ws, DeviceSlot** slot) {
@@ -29,21 +27,6 @@ ffi::Error Lookup(int64_t workspace_id, int32_t device, Workspace** ws, DeviceSl
     return Invalid("GPU " + std::to_string(device) + " is not part of this Buffer's mesh");
   }
   return ffi::Error::Success();
-}
-
-ffi::Error CheckSlot(const Workspace& ws, size_t slot_bytes, int64_t send_capacity) {
-  if (slot_bytes > ws.config().slot_bytes || size_t(send_capacity) > ws.config().slots_per_rank) {
-    return Invalid("this call needs " + std::to_string(send_capacity) + " slots of " +
-                   std::to_string(slot_bytes) + " bytes per rank but the Buffer's workspace has " +
-                   std::to_string(ws.config().slots_per_rank) + " of " +
-                   std::to_string(ws.config().slot_bytes) +
-                   "; create the Buffer with larger max_tokens_per_rank / hidden");
-  }
-  return ffi::Error::Success();
-}
-
-ffi::Error Launched(cudaError_t err, const char* kernel) {
-  return jax_ep::Launched(err, "jax_ep", kernel);
 }
 
 ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
@@ -60,59 +43,21 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
   Workspace* ws;
   DeviceSlot* slot;
   if (auto err = Lookup(workspace_id, device, &ws, &slot); err.failure()) return err;
-  const auto dims = topk_idx.dimensions();
-  if (dims.size() != 2 || x.dimensions().size() != 2) return Invalid("dispatch: bad ranks");
-  const int64_t num_tokens = dims[0], num_topk = dims[1];
-  const int num_ranks = slot->num_ranks;
-  if (num_topk > kMaxTopk) return Invalid("dispatch: top-k above 32 is not supported");
-  if (num_experts % num_ranks || num_experts / num_ranks > kMaxLocalExperts ||
-      num_experts > kMaxExperts) {
-    return Invalid("dispatch: experts per rank must divide evenly and be <= " +
-                   std::to_string(kMaxLocalExperts) + ", experts <= " +
-                   std::to_string(kMaxExperts));
-  }
-  const int64_t num_scales = scales.dimensions().size() == 2 ? scales.dimensions()[1] : 0;
-  if (recv_capacity < 1) return Invalid("dispatch: recv_capacity must be >= 1");
-  // From the output: at T = 0 there is no input row, but the C output rows are still cleared.
-  const size_t x_row_bytes = recv_x->size_bytes() / size_t(recv_capacity);
-  const bool staged = ws->staged();
-  const size_t slot_bytes = DispatchSlotBytes(int(num_topk), x_row_bytes, int(num_scales), staged);
-  if (auto err = CheckSlot(*ws, slot_bytes, send_capacity); err.failure()) return err;
-
   DispatchArgs a{};
-  a.x = static_cast<const uint8_t*>(x.untyped_data());
-  a.x_row_bytes = x_row_bytes;
-  a.scales = num_scales ? static_cast<const float*>(scales.untyped_data()) : nullptr;
-  a.num_scales = int(num_scales);
-  a.topk_idx = topk_idx.typed_data();
-  a.topk_weights = topk_weights.typed_data();
-  a.pos_in_src = pos_in_src.typed_data();
-  a.send_pos = send_pos.typed_data();
-  a.tokens_per_rank = tokens_per_rank.typed_data();
-  a.tokens_per_expert = tokens_per_expert.typed_data();
-  a.num_tokens = int(num_tokens);
-  a.num_topk = int(num_topk);
-  a.num_experts = int(num_experts);
-  a.num_local_experts = int(num_experts / num_ranks);
-  a.recv_capacity = int(recv_capacity);
-  a.expert_alignment = int(expert_alignment);
-  a.send_capacity = int(send_capacity);
-  a.expert_layout = expert_layout;
-  a.num_recv_blocks = expert_layout || staged ? ws->config().num_recv_blocks : 0;
-  a.recv_x = static_cast<uint8_t*>(recv_x->untyped_data());
-  a.recv_scales = num_scales ? static_cast<float*>(recv_scales->untyped_data()) : nullptr;
-  a.recv_topk_idx = recv_topk_idx->typed_data();
-  a.recv_topk_weights = recv_topk_weights->typed_data();
-  a.group_sizes = expert_layout ? group_sizes->typed_data() : nullptr;
-  a.num_recv_rows = num_recv_rows->typed_data();
-  a.num_tokens_per_expert = num_tokens_per_expert->typed_data();
-  a.num_dropped = num_dropped->typed_data();
-  a.recv_rows = recv_rows->typed_data();
-  a.row_src = row_src->typed_data();
-  a.recv_count = recv_count->typed_data();
-  if (!expert_layout) {  // the token layout counts with atomics
-    cudaMemsetAsync(a.num_tokens_per_expert, 0, sizeof(int32_t) * a.num_local_experts, stream);
+  size_t slot_bytes = 0;
+  DispatchBuffers buffers{x, scales, topk_idx, topk_weights, pos_in_src, send_pos,
+                                tokens_per_rank, tokens_per_expert, recv_x, recv_scales,
+                                recv_topk_idx, recv_topk_weights, group_sizes, num_recv_rows,
+                                num_tokens_per_expert, num_dropped, recv_rows, row_src,
+                                recv_count};
+  if (auto err = FillDispatch(buffers, slot->num_ranks, ws->staged(),
+                              ws->config().num_recv_blocks, num_experts, recv_capacity,
+                              expert_alignment, send_capacity, expert_layout, &a, &slot_bytes);
+      err.failure()) {
+    return err;
   }
+  if (auto err = CheckSlot(CapacityOf(*ws), slot_bytes, send_capacity); err.failure()) return err;
+  ZeroTokenLayoutCounts(a, stream);
   return Launched(LaunchDispatch(ws->Comm(*slot, slot_bytes), a, stream), "dispatch");
 }
 
@@ -124,28 +69,13 @@ ffi::Error ReturnImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, S32
   DeviceSlot* slot;
   if (auto err = Lookup(workspace_id, device, &ws, &slot); err.failure()) return err;
   ReturnArgs a{};
-  switch (y.element_type()) {
-    case ffi::F32: a.elem = kF32; break;
-    case ffi::BF16: a.elem = kBF16; break;
-    case ffi::F16: a.elem = kF16; break;
-    default: return Invalid("combine: rows must be float32, bfloat16 or float16");
+  size_t slot_bytes = 0;
+  if (auto err = FillReturn(y, recv_rows, recv_count, row_weights, send_pos, out, mode, num_topk,
+                            send_capacity, &a, &slot_bytes);
+      err.failure()) {
+    return err;
   }
-  const auto ydims = y.dimensions();
-  a.mode = static_cast<ReturnMode>(mode);
-  a.recv_capacity = int(ydims[0]);
-  a.width = ydims.size() == 2 ? int(ydims[1]) : 1;
-  if (a.mode == kReturnGatherK && a.elem != kF32) return Invalid("combine: bad weight dtype");
-  a.y = y.untyped_data();
-  a.recv_rows = recv_rows.typed_data();
-  a.recv_count = recv_count.typed_data();
-  a.row_weights = row_weights.element_count() ? row_weights.typed_data() : nullptr;
-  a.send_pos = send_pos.typed_data();
-  a.out = out->untyped_data();
-  a.num_tokens = int(send_pos.dimensions()[0]);
-  a.num_topk = int(num_topk);
-  a.send_capacity = int(send_capacity);
-  const size_t slot_bytes = ReturnSlotBytes(a.width, a.elem, a.mode, a.num_topk);
-  if (auto err = CheckSlot(*ws, slot_bytes, send_capacity); err.failure()) return err;
+  if (auto err = CheckSlot(CapacityOf(*ws), slot_bytes, send_capacity); err.failure()) return err;
   return Launched(LaunchReturn(ws->Comm(*slot, slot_bytes), a, stream), "combine");
 }
 
@@ -156,17 +86,12 @@ ffi::Error BroadcastImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer val
   DeviceSlot* slot;
   if (auto err = Lookup(workspace_id, device, &ws, &slot); err.failure()) return err;
   BroadcastArgs a{};
-  a.num_tokens = int(send_pos.dimensions()[0]);
-  a.recv_capacity = int(row_src.element_count());
-  if (a.recv_capacity < 1) return Invalid("broadcast: no receive rows");
-  a.row_bytes = rows->size_bytes() / size_t(a.recv_capacity);  // also at T = 0 (C >= 1)
-  a.values = static_cast<const uint8_t*>(values.untyped_data());
-  a.send_pos = send_pos.typed_data();
-  a.row_src = row_src.typed_data();
-  a.rows = static_cast<uint8_t*>(rows->untyped_data());
-  a.send_capacity = int(send_capacity);
-  const size_t slot_bytes = (a.row_bytes + 15) / 16 * 16;
-  if (auto err = CheckSlot(*ws, slot_bytes, send_capacity); err.failure()) return err;
+  size_t slot_bytes = 0;
+  if (auto err = FillBroadcast(values, send_pos, row_src, rows, send_capacity, &a, &slot_bytes);
+      err.failure()) {
+    return err;
+  }
+  if (auto err = CheckSlot(CapacityOf(*ws), slot_bytes, send_capacity); err.failure()) return err;
   return Launched(LaunchBroadcast(ws->Comm(*slot, slot_bytes), a, stream), "broadcast");
 }
 

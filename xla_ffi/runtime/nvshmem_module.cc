@@ -1,6 +1,9 @@
-// Python module jax_ep._jax_ep_nvshmem: the NVSHMEM transport (jax_ep/_bootstrap.py drives it).
-// Loading it needs libnvshmem_host.so.3 (the pip package nvidia-nvshmem-cu13), which the Python
-// side preloads; without it jax_ep still works, one process at a time.
+// Python module jax_ep._jax_ep_nvshmem: the NVSHMEM transport (jax_ep/_bootstrap.py drives it)
+// and the internode kernels' FFI handlers (internode/; jax_ep/_ffi.py registers them and binds
+// them to the main extension's workspaces). Loading it needs libnvshmem_host.so.3 (the pip
+// package nvidia-nvshmem-cu13), which the Python side preloads; without it jax_ep still works,
+// one process at a time.
+#include <cuda_runtime.h>
 #include <nanobind/nanobind.h>
 
 #include <stdexcept>
@@ -8,6 +11,8 @@
 
 #include <nanobind/stl/string.h>
 
+#include "../internode/internode.h"
+#include "../internode/internode_handlers.h"
 #include "nvshmem_transport.h"
 
 namespace nb = nanobind;
@@ -72,6 +77,46 @@ NB_MODULE(_jax_ep_nvshmem, m) {
         return nb::make_tuple(ops->device, ops->my_pe, ops->num_pes);
       },
       "(device, pe, num_pes) once initialised, else None.");
+  m.def(
+      "registrations",
+      [] {
+        nb::dict targets;
+        targets["jax_ep_internode_dispatch"] = nb::capsule(jax_ep::InternodeDispatchHandler());
+        targets["jax_ep_internode_combine"] = nb::capsule(jax_ep::InternodeReturnHandler());
+        targets["jax_ep_internode_broadcast"] = nb::capsule(jax_ep::InternodeBroadcastHandler());
+        return targets;
+      },
+      "dict {FFI target name: PyCapsule of its handler} of the internode ops.");
+  m.def(
+      "bind_workspace_api",
+      [](nb::capsule api) {
+        const char* name = api.name();
+        if (name == nullptr || std::string(name) != jax_ep::kWorkspaceApiCapsule) {
+          throw std::invalid_argument("jax_ep: expected a jax_ep.WorkspaceApi capsule");
+        }
+        const auto* table = static_cast<const JaxEpWorkspaceApi*>(api.data());
+        if (table->abi_version != jax_ep::kWorkspaceApiAbi ||
+            table->view_size != sizeof(JaxEpWorkspaceView)) {
+          throw std::runtime_error("jax_ep: the main extension's workspace table does not match "
+                                   "this NVSHMEM extension (rebuild jax_ep)");
+        }
+        jax_ep::BindWorkspaceApi(table);
+      },
+      nb::arg("api"), "Binds the internode handlers to jax_ep._jax_ep_cuda.workspace_api().");
+  m.def(
+      "preload",
+      [](int device) {
+        int saved = 0;
+        cudaGetDevice(&saved);
+        cudaError_t err = cudaSetDevice(device);
+        if (err == cudaSuccess) err = jax_ep::PreloadInternodeKernels();
+        cudaSetDevice(saved);
+        if (err != cudaSuccess) {
+          throw std::runtime_error("jax_ep: loading the internode kernels on GPU " +
+                                   std::to_string(device) + ": " + cudaGetErrorString(err));
+        }
+      },
+      nb::arg("device"), "Load the internode kernels on CUDA device `device` now (not lazily).");
   m.def(
       "mapping",
       [] {

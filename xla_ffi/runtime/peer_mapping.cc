@@ -25,8 +25,12 @@ class P2PMapping final : public PeerMapping {
   bool staged() const override { return false; }
   bool collective() const override { return false; }
 
-  std::string Map(const std::vector<std::vector<int>>& groups, size_t bytes,
+  std::string Map(const std::vector<std::vector<int>>& groups, size_t bytes, int ranks_per_node,
                   std::vector<MappedRank>* out) override {
+    if (ranks_per_node > 0 && size_t(ranks_per_node) < groups.front().size()) {
+      return "jax_ep: the internode kernels (num_ranks_per_node < ranks) need one process per GPU "
+             "(NVSHMEM)";
+    }
     for (const auto& group : groups) {
       for (int a : group) {
         for (int b : group) {
@@ -39,7 +43,8 @@ class P2PMapping final : public PeerMapping {
         }
       }
     }
-    for (const auto& group : groups) {
+    for (size_t g = 0; g < groups.size(); ++g) {
+      const auto& group = groups[g];
       const size_t first = out->size();
       for (size_t r = 0; r < group.size(); ++r) {
         const int dev = group[r];
@@ -49,7 +54,7 @@ class P2PMapping final : public PeerMapping {
         size_t free_bytes = 0, total = 0;
         cudaMemGetInfo(&free_bytes, &total);
         MappedRank m;
-        m.device = dev, m.rank = int(r), m.num_ranks = int(group.size());
+        m.device = dev, m.rank = int(r), m.num_ranks = int(group.size()), m.group = int(g);
         if (bytes > free_bytes || cudaMalloc(&m.base, bytes) != cudaSuccess) {
           cudaGetLastError();
           return AllocationMessage(bytes, dev, free_bytes);
@@ -88,14 +93,14 @@ class ExternalMapping final : public PeerMapping {
   bool staged() const override { return true; }
   bool collective() const override { return true; }
 
-  std::string Map(const std::vector<std::vector<int>>& groups, size_t bytes,
+  std::string Map(const std::vector<std::vector<int>>& groups, size_t bytes, int ranks_per_node,
                   std::vector<MappedRank>* out) override {
     // This process is one PE: it drives exactly the rank of its group that it is.
     const std::vector<int>* mine = nullptr;
-    int my_rank = -1;
-    for (const auto& group : groups) {
-      for (size_t r = 0; r < group.size(); ++r) {
-        if (group[r] == ops_->my_pe) mine = &group, my_rank = int(r);
+    int my_rank = -1, my_group = -1;
+    for (size_t g = 0; g < groups.size(); ++g) {
+      for (size_t r = 0; r < groups[g].size(); ++r) {
+        if (groups[g][r] == ops_->my_pe) mine = &groups[g], my_rank = int(r), my_group = int(g);
       }
     }
     if (mine == nullptr) {
@@ -107,19 +112,25 @@ class ExternalMapping final : public PeerMapping {
     }
     MappedRank m;
     m.device = ops_->device, m.rank = my_rank, m.num_ranks = int(mine->size());
+    m.group = my_group;
+    const int per_node = ranks_per_node > 0 ? ranks_per_node : int(mine->size());
     char error[512] = {0};
     void* base = nullptr;
     if (ops_->allocate(bytes, &base, error, sizeof(error)) != 0) return error;
     m.base = static_cast<uint8_t*>(base);
     out->push_back(m);
     for (size_t p = 0; p < mine->size(); ++p) {
+      // Ranks of other nodes are reached only by NVSHMEM puts: keep no pointer to them (on one
+      // host nvshmem_ptr would give one, and a kernel must not use it).
+      if (int(p) / per_node != my_rank / per_node) continue;
       void* peer = ops_->peer_address(base, (*mine)[p]);
       if (peer == nullptr) {
         return "jax_ep: GPU " + std::to_string(ops_->device) + " (PE " +
                std::to_string(ops_->my_pe) + ") cannot reach rank " + std::to_string(p) +
                " (PE " + std::to_string((*mine)[p]) +
-               ") by loads and stores (no NVLink/P2P path): the intranode kernels need every "
-               "rank of the EP axis on one NVLink domain";
+               ") by loads and stores (no NVLink/P2P path): the ranks of a node need one NVLink "
+               "domain (with several hosts, pass num_ranks_per_node or let jax_ep group the "
+               "ranks by host)";
       }
       out->back().peer_ws[p] = static_cast<uint8_t*>(peer);
     }

@@ -48,8 +48,10 @@ struct MappedRank {
   int device = -1;      // CUDA ordinal
   int rank = -1;        // position in its EP group
   int num_ranks = 0;
+  int group = -1;       // index of its EP group
   uint8_t* base = nullptr;          // its own workspace
   uint8_t* peer_ws[kMaxRanks] = {};  // every rank's workspace, as this GPU addresses it
+                                     // (null for ranks of other nodes)
 };
 
 class PeerMapping {
@@ -63,9 +65,11 @@ class PeerMapping {
   virtual bool collective() const = 0;
   // Allocates `bytes` for every rank of `groups` this process drives and maps the peers.
   // groups: the members of each EP group in rank order (P2P: device ordinals; NVSHMEM: PEs).
+  // ranks_per_node G: only the ranks of a node (G consecutive ranks) must reach each other by
+  // loads and stores (peer_ws is null across nodes); 0: the whole group.
   // Returns "" or an error message (whatever was allocated is in *out, to be released).
   virtual std::string Map(const std::vector<std::vector<int>>& groups, size_t bytes,
-                          std::vector<MappedRank>* out) = 0;
+                          int ranks_per_node, std::vector<MappedRank>* out) = 0;
   virtual void Release(const MappedRank& rank) = 0;
 };
 

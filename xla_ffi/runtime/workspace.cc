@@ -2,6 +2,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdio>
 #include <map>
 #include <mutex>
 #include <shared_mutex>
@@ -9,6 +10,7 @@
 #include "../intranode/intranode.h"
 #include "../low_latency/low_latency.h"
 #include "../layout/layout_kernels.h"
+#include "workspace_api.h"
 
 namespace jax_ep {
 namespace {
@@ -59,7 +61,38 @@ size_t Workspace::flags_bytes() const {
 }
 
 size_t Workspace::bytes_per_device() const {
-  return kSignalBytes + flags_bytes() + max_ranks() * config_.slots_per_rank * config_.slot_bytes;
+  return kSignalBytes + flags_bytes() + max_ranks() * config_.slots_per_rank * config_.slot_bytes +
+         internode_bytes();
+}
+
+int Workspace::num_nodes() const {
+  const int per_node = config_.ranks_per_node;
+  return per_node > 0 ? int(max_ranks()) / per_node : 1;
+}
+
+size_t Workspace::message_bytes() const {
+  return config_.slot_bytes + (4 * kMaxRanks + 15) / 16 * 16;  // keep transport.py in sync
+}
+
+size_t Workspace::internode_bytes() const {
+  const size_t nodes = num_nodes();
+  if (nodes <= 1) return 0;
+  const size_t signals = (nodes * config_.slots_per_rank * 8 + 255) / 256 * 256;
+  return signals + 2 * nodes * config_.slots_per_rank * message_bytes();
+}
+
+NodeComm Workspace::Nodes(const DeviceSlot& slot) const {
+  NodeComm n{};
+  const std::vector<int>& group = config_.groups[slot.group];
+  for (size_t r = 0; r < group.size(); ++r) n.pes[r] = group[r];
+  n.num_nodes = num_nodes();
+  n.ranks_per_node = slot.num_ranks / n.num_nodes;
+  const size_t nodes = n.num_nodes, slots = config_.slots_per_rank;
+  n.slots = slots;
+  n.signals_offset = kSignalBytes + flags_bytes() + max_ranks() * slots * config_.slot_bytes;
+  n.recv_offset = n.signals_offset + (nodes * slots * 8 + 255) / 256 * 256;
+  n.send_offset = n.recv_offset + nodes * slots * message_bytes();
+  return n;
 }
 
 std::unique_ptr<Workspace> Workspace::Create(const WorkspaceConfig& config,
@@ -79,6 +112,11 @@ std::unique_ptr<Workspace> Workspace::Create(const WorkspaceConfig& config,
       *error = "jax_ep: an EP group must have 1.." + std::to_string(kMaxRanks) + " ranks";
       return nullptr;
     }
+    if (config.ranks_per_node < 0 ||
+        (config.ranks_per_node > 0 && group.size() % size_t(config.ranks_per_node))) {
+      *error = "jax_ep: num_ranks_per_node must divide the ranks of every EP group";
+      return nullptr;
+    }
   }
   std::unique_ptr<Workspace> ws(new Workspace(config, std::move(mapping)));
   // The destructor releases whatever was mapped, unless releasing is collective.
@@ -87,7 +125,8 @@ std::unique_ptr<Workspace> Workspace::Create(const WorkspaceConfig& config,
     if (ws->mapping_->collective()) ws->ranks_.clear();
     return nullptr;
   };
-  if (std::string e = ws->mapping_->Map(config.groups, ws->bytes_per_device(), &ws->ranks_);
+  if (std::string e = ws->mapping_->Map(config.groups, ws->bytes_per_device(),
+                                        config.ranks_per_node, &ws->ranks_);
       !e.empty()) {
     return fail(e);
   }
@@ -97,6 +136,7 @@ std::unique_ptr<Workspace> Workspace::Create(const WorkspaceConfig& config,
     DeviceSlot& slot = ws->slots_[i];
     slot.rank = m.rank;
     slot.num_ranks = m.num_ranks;
+    slot.group = m.group;
     for (int p = 0; p < m.num_ranks; ++p) slot.peer_ws[p] = m.peer_ws[p];
     slot.epoch = std::make_unique<std::atomic<uint64_t>>(0);
     cudaSetDevice(m.device);
@@ -194,6 +234,38 @@ Workspace* FindWorkspace(int64_t id) {
   std::shared_lock lock(Mutex());
   auto it = Registry().find(id);
   return it == Registry().end() ? nullptr : it->second.get();
+}
+
+namespace {
+
+int ViewWorkspace(int64_t id, int32_t device, size_t slot_stride, int take_epoch,
+                  JaxEpWorkspaceView* out, char* error, size_t error_len) {
+  auto fail = [&](const std::string& message) {
+    std::snprintf(error, error_len, "%s", message.c_str());
+    return 1;
+  };
+  Workspace* ws = FindWorkspace(id);
+  if (ws == nullptr) return fail("jax_ep: workspace " + std::to_string(id) + " is closed");
+  if (std::string message = ws->ErrorMessage(); !message.empty()) return fail(message);
+  DeviceSlot* slot = ws->Device(device);
+  if (slot == nullptr) {
+    return fail("jax_ep: GPU " + std::to_string(device) + " is not part of this Buffer's mesh");
+  }
+  if (ws->num_nodes() < 2) return fail("jax_ep: this Buffer's workspace has a single node");
+  out->comm = ws->Comm(*slot, slot_stride, take_epoch != 0);
+  out->nodes = ws->Nodes(*slot);
+  out->slots_per_rank = ws->config().slots_per_rank;
+  out->slot_bytes = ws->config().slot_bytes;
+  out->message_bytes = ws->message_bytes();
+  out->num_recv_blocks = ws->config().num_recv_blocks;
+  return 0;
+}
+
+}  // namespace
+
+const JaxEpWorkspaceApi* WorkspaceApi() {
+  static const JaxEpWorkspaceApi api{kWorkspaceApiAbi, sizeof(JaxEpWorkspaceView), ViewWorkspace};
+  return &api;
 }
 
 }  // namespace jax_ep

@@ -19,6 +19,7 @@ namespace jax_ep {
 struct DeviceSlot {
   int rank = -1;                  // position in its EP group
   int num_ranks = 0;
+  int group = -1;                 // index of its EP group in WorkspaceConfig::groups
   uint8_t* peer_ws[kMaxRanks] = {};
   std::unique_ptr<std::atomic<uint64_t>> epoch;  // calls issued on this device
 };
@@ -31,6 +32,9 @@ struct WorkspaceConfig {
   int num_blocks = 0;                    // grid of every kernel (<= SMs, <= kMaxBlocks)
   int num_recv_blocks = 0;               // receive-only blocks of the SM split
   uint64_t timeout_ns = 0;
+  // G: ranks of a node. 0 or the group size: one node. Smaller (NVSHMEM only): the workspace also
+  // holds the internode message slots, and ranks of other nodes need not be reachable.
+  int ranks_per_node = 0;
 };
 
 class Workspace {
@@ -48,6 +52,13 @@ class Workspace {
   bool staged() const { return mapping_->staged(); }
   size_t bytes_per_device() const;
   size_t flags_bytes() const;  // arrival flags [R][slots_per_rank] u64, after the signal area
+  int num_nodes() const;       // N (1: a single-node workspace)
+  // The internode area after the staging (0 bytes with one node): per node, a message slot per
+  // token and its arrival signal (receive side) and a message slot per token (send side).
+  size_t internode_bytes() const;
+  size_t message_bytes() const;  // largest message slot: a staged slot + G forward slots
+  // The nodes of this device's EP group (message_stride left for the caller).
+  NodeComm Nodes(const DeviceSlot& slot) const;
   // "" when no kernel reported a timeout, else the report.
   std::string ErrorMessage() const;
   // advance_epoch = false: the low-latency kernels keep their generations on the device (a

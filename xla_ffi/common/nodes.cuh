@@ -1,0 +1,53 @@
+// Nodes of an EP group on the device: the message slots of the internode kernels' network leg
+// (NodeComm, comm.h) and DirectNet, the transport policy of the single-node kernels. The
+// kernels shared by both families (intranode/dispatch_kernel.cuh, return_kernel.cuh) take a
+// policy `Net`: DirectNet here (every peer by loads and stores), or NvshmemNet
+// (internode/net.cuh: NVSHMEM puts and signals to the ranks of other nodes). Plain CUDA.
+#pragma once
+
+#include "device.cuh"
+
+namespace jax_ep {
+
+// The Nodes argument of a single-node kernel: nothing to know.
+struct Flat {};
+
+__device__ __forceinline__ int NodeOf(const NodeComm& n, int rank) {
+  return rank / n.ranks_per_node;
+}
+
+// Message slot q of `node` in this rank's workspace: by source node (receive side) or by
+// destination node (send side). Symmetric memory: a put to a peer names its slot by the local
+// address of the same slot.
+__device__ __forceinline__ uint8_t* RecvMessage(const CommArgs& c, const NodeComm& n, int node,
+                                                size_t q) {
+  return c.peer_ws[c.rank] + n.recv_offset + (size_t(node) * n.slots + q) * n.message_stride;
+}
+
+__device__ __forceinline__ uint8_t* SendMessage(const CommArgs& c, const NodeComm& n, int node,
+                                                size_t q) {
+  return c.peer_ws[c.rank] + n.send_offset + (size_t(node) * n.slots + q) * n.message_stride;
+}
+
+__device__ __forceinline__ uint64_t* MessageSignal(const CommArgs& c, const NodeComm& n, int node,
+                                                   size_t q) {
+  return reinterpret_cast<uint64_t*>(c.peer_ws[c.rank] + n.signals_offset) + size_t(node) * n.slots +
+         q;
+}
+
+// One node: every peer is reached by loads and stores.
+struct DirectNet {
+  static constexpr bool kInternode = false;
+  using Nodes = Flat;
+  __device__ static constexpr bool Near(const Flat&, int, int) { return true; }
+  __device__ static void EntryBarrier(const CommArgs& c, const Flat&, int op) {
+    jax_ep::EntryBarrier(c, op);
+  }
+  // Waits until peer's flag reaches this call's epoch.
+  __device__ static void Wait(const uint64_t* flag, const CommArgs& c, const Flat&, int op,
+                              int phase, int peer) {
+    WaitFlag(flag, c, op, phase, peer);
+  }
+};
+
+}  // namespace jax_ep
