@@ -121,7 +121,8 @@ class Buffer:
         groups = _ep_groups(mesh, axis_name)
         if backend == "auto":
             usable = on_gpu and sized and _cuda_kernels_available()
-            backend = "cuda" if usable and transports.available(groups) else "xla"
+            usable = usable and transports.available(groups, num_ranks_per_node)
+            backend = "cuda" if usable else "xla"
         elif backend == "cuda":
             if not on_gpu:
                 raise ValueError(f"backend 'cuda' needs a mesh of GPUs, got {sorted(platforms)}")

@@ -366,6 +366,69 @@ def test_bad_sm_budget(kw):
         jax_ep.Buffer(make_mesh(2), "ep", backend="xla", **kw)
 
 
+@pytest.mark.parametrize("value,error,match", [
+    (3, ValueError, "must divide the number of EP ranks"),
+    (0, ValueError, "num_ranks_per_node must be >= 1"),
+    (2.0, TypeError, "num_ranks_per_node .* must be a static integer"),
+    ("2", TypeError, "must be a static integer"),
+])
+def test_bad_num_ranks_per_node(value, error, match):
+    with pytest.raises(error, match=match):
+        jax_ep.Buffer(make_mesh(4), "ep", backend="xla", num_ranks_per_node=value)
+
+
+def test_num_ranks_per_node_resolution():
+    """Given: kept (numpy integers too) and shown; not given: one node on one process; backend
+    "auto" never picks the kernels for nodes a single process cannot serve."""
+    mesh = make_mesh(4)
+    buf = jax_ep.Buffer(mesh, "ep", backend="xla", num_ranks_per_node=np.int64(2))
+    assert buf.num_ranks_per_node == 2 and "nodes=2x2" in repr(buf)
+    assert jax_ep.Buffer(mesh, "ep", backend="xla").num_ranks_per_node == 4
+    auto = jax_ep.Buffer(mesh, "ep", num_ranks_per_node=1, max_tokens_per_rank=8, hidden=16,
+                         num_topk=2)
+    assert auto.backend == "xla" and auto.num_ranks_per_node == 1
+    auto.close()
+
+
+def test_hosts_group_the_ranks_into_nodes():
+    """The default node grouping of backend "cuda" across processes: consecutive ranks of one
+    host, as many per host; anything else asks for num_ranks_per_node."""
+    from types import SimpleNamespace
+
+    from jax_ep.backends import transport
+
+    def groups(*processes):
+        return np.array([[SimpleNamespace(process_index=p) for p in processes]], object)
+
+    hosts = ["a", "a", "b", "b", "c", "c"]
+    assert transport.ranks_per_node_from_hosts(groups(0, 1, 2, 3), hosts) == 2
+    assert transport.ranks_per_node_from_hosts(groups(0, 1), hosts) == 2
+    assert transport.ranks_per_node_from_hosts(groups(0, 2, 4), hosts) == 1
+    with pytest.raises(ValueError, match="consecutive and equally many"):
+        transport.ranks_per_node_from_hosts(groups(0, 2, 1, 3), hosts)
+    with pytest.raises(ValueError, match="consecutive and equally many"):
+        transport.ranks_per_node_from_hosts(groups(0, 1, 2), hosts)
+
+
+def test_internode_workspace_bytes():
+    """Several nodes add the network leg's message slots: a receive and a send slot per (node,
+    token) of slot + 64 bytes, and a signal word per receive slot."""
+    shape = dict(num_experts=16, num_topk=8, hidden=7168, max_tokens_per_rank=4096, num_ranks=16)
+    flat = jax_ep.Buffer.workspace_bytes(**shape)
+    assert jax_ep.Buffer.workspace_bytes(**shape, num_ranks_per_node=16) == flat
+    slot = jax_ep.buffer.slot_bytes_for(7168, 8)
+    extra = -(-2 * 4096 * 8 // 256) * 256 + 2 * 2 * 4096 * (slot + 64)
+    assert jax_ep.Buffer.workspace_bytes(**shape, num_ranks_per_node=8) == flat + extra
+
+
+@pytest.mark.gpu
+def test_internode_needs_one_process_per_gpu():
+    """One process cannot run the internode kernels: a clear error naming the fix."""
+    with pytest.raises(ValueError, match="one process per GPU"):
+        jax_ep.Buffer(make_mesh(2), "ep", backend="cuda", max_tokens_per_rank=8, hidden=16,
+                      num_topk=2, num_ranks_per_node=1)
+
+
 def test_process_layouts_the_transports_cannot_serve():
     """Multi-process meshes: one GPU of the mesh per process, and every process in it."""
     from types import SimpleNamespace

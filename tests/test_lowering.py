@@ -193,10 +193,10 @@ def test_gpu_handler_reports_bad_config(extension):
                                                                "num_ranks": 3}))(idx))
 
 
-@pytest.mark.parametrize("layout", ["token", "expert"])
-def test_cuda_backend_lowers_to_ep_custom_calls(layout, extension):
-    """Forward and backward of backend "cuda" lower (on this CPU machine) to the jax_ep custom
-    calls: the exchange, the return-and-reduce and the broadcast of combine's VJP."""
+def _lower_backend_cuda(layout: str, num_nodes: int = 1):
+    """(custom-call targets, dispatch handle) of the forward and backward of backend "cuda"
+    (dispatch -> combine -> loss, gradients of x and topk_weights) over 4 ranks, lowered for
+    CUDA on this machine."""
     import re
 
     from jax_ep import ops
@@ -207,40 +207,8 @@ def test_cuda_backend_lowers_to_ep_custom_calls(layout, extension):
     cap = ops.default_recv_capacity(layout, R, T, K, E // R, 4)
     cfg = DispatchConfig(axis_name="ep", backend="cuda", layout=layout, num_ranks=R,
                          num_experts=E, num_tokens=T, num_topk=K, recv_capacity=cap,
-                         send_capacity=T, expert_alignment=4, workspace_id=1)
-
-    def per_shard(x, idx, w):
-        res = ops._dispatch(cfg, x, None, idx, w)
-        return ops._combine(cfg, res.recv_x * 2, res.handle)
-
-    def loss(x, w, idx):
-        f = jax.shard_map(per_shard, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))
-        return f(x, idx, w).astype(jnp.float32).sum()
-
-    x = jnp.ones((R * T, H), jnp.bfloat16)
-    idx = jnp.zeros((R * T, K), jnp.int32)
-    w = jnp.ones((R * T, K), jnp.float32)
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
-    text = grad.trace(x, w, idx).lower(lowering_platforms=("cuda",)).as_text()
-    targets = set(re.findall(r"@(jax_ep_\w+)\(", text))
-    assert {"jax_ep_dispatch", "jax_ep_combine", "jax_ep_broadcast"} <= targets, targets
-
-
-@pytest.mark.parametrize("layout", ["token", "expert"])
-def test_internode_lowers_to_internode_custom_calls(layout, extension):
-    """With two nodes of two ranks (DispatchConfig.num_nodes = 2) the forward and backward of
-    backend "cuda" lower to the internode targets (NVSHMEM extension), with the node fields."""
-    import re
-
-    from jax_ep import ops
-    from jax_ep.types import DispatchConfig
-
-    R, T, H, K, E = 4, 16, 256, 2, 8
-    mesh = make_mesh(R)
-    cap = ops.default_recv_capacity(layout, R, T, K, E // R, 4)
-    cfg = DispatchConfig(axis_name="ep", backend="cuda", layout=layout, num_ranks=R,
-                         num_experts=E, num_tokens=T, num_topk=K, recv_capacity=cap,
-                         send_capacity=T, expert_alignment=4, workspace_id=1, num_nodes=2)
+                         send_capacity=T, expert_alignment=4, workspace_id=1,
+                         num_nodes=num_nodes)
     seen = {}
 
     def per_shard(x, idx, w):
@@ -257,12 +225,27 @@ def test_internode_lowers_to_internode_custom_calls(layout, extension):
     w = jnp.ones((R * T, K), jnp.float32)
     text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(x, w, idx).lower(
         lowering_platforms=("cuda",)).as_text()
-    targets = set(re.findall(r"@(jax_ep_\w+)\(", text))
+    return set(re.findall(r"@(jax_ep_\w+)\(", text)), seen["handle"]
+
+
+@pytest.mark.parametrize("layout", ["token", "expert"])
+def test_cuda_backend_lowers_to_ep_custom_calls(layout, extension):
+    """Forward and backward of backend "cuda" lower (on this CPU machine) to the jax_ep custom
+    calls: the exchange, the return-and-reduce and the broadcast of combine's VJP."""
+    targets, handle = _lower_backend_cuda(layout)
+    assert {"jax_ep_dispatch", "jax_ep_combine", "jax_ep_broadcast"} <= targets, targets
+    assert handle.node_pos is None and handle.fwd_slots is None
+
+
+@pytest.mark.parametrize("layout", ["token", "expert"])
+def test_internode_lowers_to_internode_custom_calls(layout, extension):
+    """With two nodes of two ranks (DispatchConfig.num_nodes = 2) the forward and backward of
+    backend "cuda" lower to the internode targets (NVSHMEM extension), with the node fields."""
+    targets, handle = _lower_backend_cuda(layout, num_nodes=2)
     want = {"jax_ep_internode_dispatch", "jax_ep_internode_combine", "jax_ep_internode_broadcast"}
     assert want <= targets and not {"jax_ep_dispatch", "jax_ep_combine"} & targets, targets
-    handle = seen["handle"]
-    assert handle.node_pos.shape == (T, 2)
-    assert handle.fwd_slots.shape == (2, T, 2) and handle.node_recv_count.shape == (2,)
+    assert handle.node_pos.shape == (16, 2)
+    assert handle.fwd_slots.shape == (2, 16, 2) and handle.node_recv_count.shape == (2,)
 
 
 def test_nvshmem_transport_is_built_and_loads(extension):

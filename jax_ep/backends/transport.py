@@ -172,10 +172,13 @@ def for_groups(groups: np.ndarray, timeout_s: float):
     return NvshmemTransport(timeout_s)
 
 
-def available(groups: np.ndarray) -> bool:
-    """Whether backend "cuda" can run over these groups in this build (for backend="auto")."""
+def available(groups: np.ndarray, ranks_per_node=None) -> bool:
+    """Whether backend "cuda" can run over these groups in this build (for backend="auto"):
+    several nodes need the internode kernels, one process per GPU."""
     try:
         layout = process_layout(groups)
     except ValueError:
         return False
-    return layout == "p2p" or _ffi.nvshmem_available()
+    if layout == "p2p":
+        return ranks_per_node is None or ranks_per_node >= groups.shape[1]
+    return _ffi.nvshmem_available()

@@ -353,12 +353,14 @@ def missing_rank(seed: int, ranks_per_node=None) -> dict:
     return {"rank": 0, "raised": raised, "report": report}
 
 
-def checks(seed: int, ranks_per_node=None) -> dict:
-    """exchange, gradients, moe_layer and back_to_back in one set of processes (process start,
-    NVSHMEM initialisation and compilation dominate a run; on one GPU the ranks time-slice).
-    ranks_per_node: virtual nodes (backend "cuda": the internode kernels)."""
+def checks(seed: int, ranks_per_node=None, bodies=None) -> dict:
+    """exchange, gradients, moe_layer and back_to_back (or the `bodies` named) in one set of
+    processes (process start, NVSHMEM initialisation and compilation dominate a run; on one GPU
+    the ranks time-slice). ranks_per_node: virtual nodes (backend "cuda": the internode
+    kernels)."""
     out = {}
-    for body in (exchange, gradients, moe_layer, back_to_back):
+    every = (exchange, gradients, moe_layer, back_to_back)
+    for body in [b for b in every if bodies is None or b.__name__ in bodies]:
         start = time.monotonic()
         out[body.__name__] = body(seed, ranks_per_node=ranks_per_node)
         out[body.__name__]["seconds"] = round(time.monotonic() - start, 2)

@@ -59,14 +59,22 @@ def test_internode_matches_model(num_processes, per_node, seed):
     """The checks of test_multiprocess_matches_model with num_ranks_per_node: bit-exact
     dispatch of both layouts in every dtype with skew, -1, invalid ids, overflow and T = 0;
     combine reducing inside each node first (the numpy model's node order); the VJPs; the MoE
-    layer; 200 back-to-back round trips."""
-    results = _run("bodies:checks", num_processes, seed, {"ranks_per_node": per_node})
+    layer; 200 back-to-back round trips. On backend "xla" (CPU CI) only the exchange and the
+    gradients of 2 x 2, the cases where the node grouping changes the reference's order."""
+    params = {"ranks_per_node": per_node}
+    kernels = _backend() == "cuda"
+    if not kernels:
+        if per_node == 1:
+            pytest.skip("backend 'xla': one rank per node sums like one node (covered above)")
+        params["bodies"] = ["exchange", "gradients"]
+    results = _run("bodies:checks", num_processes, seed, params)
     for r in results:
         print(f"rank {r.rank}: {r.result}")
         assert r.result["exchange"]["cases"] == 12
         assert r.result["gradients"]["checked"] == 4
-        assert r.result["moe_layer"]["max_abs_y"] > 0
-        assert r.result["back_to_back"]["calls"] == 200
+        if kernels:
+            assert r.result["moe_layer"]["max_abs_y"] > 0
+            assert r.result["back_to_back"]["calls"] == 200
 
 
 @pytest.mark.parametrize("num_processes,per_node", [(n, None) for n in RANKS] + NODES,

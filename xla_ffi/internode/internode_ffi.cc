@@ -64,6 +64,30 @@ ffi::Error CheckMessages(const JaxEpWorkspaceView& v, size_t message_bytes, int 
   return ffi::Error::Success();
 }
 
+// What every internode call checks after its own arguments (slots, messages, node fields), then
+// its node fields into the kernel arguments and the launch, with a fresh epoch.
+template <typename Args, typename Launch>
+ffi::Error CheckAndLaunch(int64_t workspace_id, int32_t device, JaxEpWorkspaceView& v, Args& a,
+                          size_t slot_bytes, int64_t send_capacity, size_t message_bytes,
+                          S32 node_pos, S32 fwd_slots, S32 node_recv_count, Launch launch,
+                          const char* kernel) {
+  if (auto err = CheckSlot({v.slots_per_rank, v.slot_bytes}, slot_bytes, send_capacity);
+      err.failure()) {
+    return err;
+  }
+  if (auto err = CheckMessages(v, message_bytes, a.num_tokens); err.failure()) return err;
+  if (auto err = CheckNodeFields(v.nodes, a.num_tokens, node_pos, fwd_slots, node_recv_count);
+      err.failure()) {
+    return err;
+  }
+  a.node_pos = node_pos.typed_data();
+  a.fwd_slots = fwd_slots.typed_data();
+  a.node_recv_count = node_recv_count.typed_data();
+  if (auto err = View(workspace_id, device, slot_bytes, true, &v); err.failure()) return err;
+  v.nodes.message_stride = message_bytes;
+  return Launched(launch(v.comm, v.nodes, a), kernel);
+}
+
 ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
                         ffi::AnyBuffer scales, S32 topk_idx, F32 topk_weights, S32 pos_in_src,
                         S32 send_pos, S32 tokens_per_rank, S32 tokens_per_expert, S32 node_pos,
@@ -81,40 +105,28 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
   DispatchArgs a{};
   size_t slot_bytes = 0;
   DispatchBuffers buffers{x, scales, topk_idx, topk_weights, pos_in_src, send_pos,
-                                tokens_per_rank, tokens_per_expert, recv_x, recv_scales,
-                                recv_topk_idx, recv_topk_weights, group_sizes, num_recv_rows,
-                                num_tokens_per_expert, num_dropped, recv_rows, row_src,
-                                recv_count};
+                          tokens_per_rank, tokens_per_expert, recv_x, recv_scales,
+                          recv_topk_idx, recv_topk_weights, group_sizes, num_recv_rows,
+                          num_tokens_per_expert, num_dropped, recv_rows, row_src, recv_count};
   if (auto err = FillDispatch(buffers, v.comm.num_ranks, /*staged=*/true, v.num_recv_blocks,
                               num_experts, recv_capacity, expert_alignment, send_capacity,
                               expert_layout, &a, &slot_bytes);
       err.failure()) {
     return err;
   }
-  if (auto err = CheckSlot({v.slots_per_rank, v.slot_bytes}, slot_bytes, send_capacity);
-      err.failure()) {
-    return err;
-  }
-  // A message: the staged slot + the slot at each rank of the destination node.
-  const size_t message = DispatchSlot(a.num_topk, a.x_row_bytes, a.num_scales, true)
-                             .message_bytes(v.nodes.ranks_per_node);
-  if (auto err = CheckMessages(v, message, a.num_tokens); err.failure()) return err;
-  if (auto err = CheckNodeFields(v.nodes, a.num_tokens, node_pos, S32(*fwd_slots),
-                                 S32(*node_recv_count));
-      err.failure()) {
-    return err;
-  }
   if (tokens_per_node.element_count() != size_t(v.nodes.num_nodes)) {
     return Invalid("internode tokens_per_node must be [N]");
   }
-  a.node_pos = node_pos.typed_data();
   a.tokens_per_node = tokens_per_node.typed_data();
-  a.fwd_slots = fwd_slots->typed_data();
-  a.node_recv_count = node_recv_count->typed_data();
-  ZeroTokenLayoutCounts(a, stream);
-  if (auto err = View(workspace_id, device, slot_bytes, true, &v); err.failure()) return err;
-  v.nodes.message_stride = message;
-  return Launched(LaunchInternodeDispatch(v.comm, v.nodes, a, stream), "internode dispatch");
+  // A message: the staged slot + the slot at each rank of the destination node.
+  const size_t message = DispatchSlot(a.num_topk, a.x_row_bytes, a.num_scales, true)
+                             .message_bytes(v.nodes.ranks_per_node);
+  auto launch = [&](const CommArgs& comm, const NodeComm& nodes, const DispatchArgs& args) {
+    ZeroTokenLayoutCounts(args, stream);
+    return LaunchInternodeDispatch(comm, nodes, args, stream);
+  };
+  return CheckAndLaunch(workspace_id, device, v, a, slot_bytes, send_capacity, message, node_pos,
+                        S32(*fwd_slots), S32(*node_recv_count), launch, "internode dispatch");
 }
 
 ffi::Error ReturnImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, S32 recv_rows,
@@ -130,21 +142,12 @@ ffi::Error ReturnImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, S32
       err.failure()) {
     return err;
   }
-  if (auto err = CheckSlot({v.slots_per_rank, v.slot_bytes}, slot_bytes, send_capacity);
-      err.failure()) {
-    return err;
-  }
-  if (auto err = CheckMessages(v, slot_bytes, a.num_tokens); err.failure()) return err;
-  if (auto err = CheckNodeFields(v.nodes, a.num_tokens, node_pos, fwd_slots, node_recv_count);
-      err.failure()) {
-    return err;
-  }
-  a.node_pos = node_pos.typed_data();
-  a.fwd_slots = fwd_slots.typed_data();
-  a.node_recv_count = node_recv_count.typed_data();
-  if (auto err = View(workspace_id, device, slot_bytes, true, &v); err.failure()) return err;
-  v.nodes.message_stride = slot_bytes;  // one value row (or K weights) per message
-  return Launched(LaunchInternodeReturn(v.comm, v.nodes, a, stream), "internode combine");
+  auto launch = [&](const CommArgs& comm, const NodeComm& nodes, const ReturnArgs& args) {
+    return LaunchInternodeReturn(comm, nodes, args, stream);
+  };
+  // A message: one value row (or K weights), like a staging slot.
+  return CheckAndLaunch(workspace_id, device, v, a, slot_bytes, send_capacity, slot_bytes,
+                        node_pos, fwd_slots, node_recv_count, launch, "internode combine");
 }
 
 ffi::Error BroadcastImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer values,
@@ -159,90 +162,35 @@ ffi::Error BroadcastImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer val
       err.failure()) {
     return err;
   }
-  if (auto err = CheckSlot({v.slots_per_rank, v.slot_bytes}, slot_bytes, send_capacity);
-      err.failure()) {
-    return err;
-  }
-  if (auto err = CheckMessages(v, slot_bytes, a.num_tokens); err.failure()) return err;
-  if (auto err = CheckNodeFields(v.nodes, a.num_tokens, node_pos, fwd_slots, node_recv_count);
-      err.failure()) {
-    return err;
-  }
-  a.node_pos = node_pos.typed_data();
-  a.fwd_slots = fwd_slots.typed_data();
-  a.node_recv_count = node_recv_count.typed_data();
-  if (auto err = View(workspace_id, device, slot_bytes, true, &v); err.failure()) return err;
-  v.nodes.message_stride = slot_bytes;
-  return Launched(LaunchInternodeBroadcast(v.comm, v.nodes, a, stream), "internode broadcast");
+  auto launch = [&](const CommArgs& comm, const NodeComm& nodes, const BroadcastArgs& args) {
+    return LaunchInternodeBroadcast(comm, nodes, args, stream);
+  };
+  return CheckAndLaunch(workspace_id, device, v, a, slot_bytes, send_capacity, slot_bytes,
+                        node_pos, fwd_slots, node_recv_count, launch, "internode broadcast");
 }
 
 }  // namespace
 
+// The intranode bindings (intranode_ffi.h) with the node operands and results.
 XLA_FFI_DEFINE_HANDLER(kInternodeDispatchHandler, DispatchImpl,
-                       ffi::Ffi::Bind()
-                           .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                           .Ctx<ffi::DeviceOrdinal>()
-                           .Arg<ffi::AnyBuffer>()  // x
-                           .Arg<ffi::AnyBuffer>()  // scales ([T, 0] when not FP8)
-                           .Arg<S32>()             // topk_idx
-                           .Arg<F32>()             // topk_weights
-                           .Arg<S32>()             // pos_in_src
-                           .Arg<S32>()             // send_pos
-                           .Arg<S32>()             // tokens_per_rank
-                           .Arg<S32>()             // tokens_per_expert
-                           .Arg<S32>()             // node_pos [T, N]
-                           .Arg<S32>()             // tokens_per_node [N]
-                           .Ret<ffi::AnyBuffer>()  // recv_x
-                           .Ret<ffi::AnyBuffer>()  // recv_scales
-                           .Ret<S32>()             // recv_topk_idx
-                           .Ret<F32>()             // recv_topk_weights
-                           .Ret<S32>()             // group_sizes
-                           .Ret<S32>()             // num_recv_rows
-                           .Ret<S32>()             // num_tokens_per_expert
-                           .Ret<S32>()             // num_dropped
-                           .Ret<S32>()             // recv_rows
-                           .Ret<S32>()             // row_src
-                           .Ret<S32>()             // recv_count
-                           .Ret<S32>()             // fwd_slots [N, T, G]
-                           .Ret<S32>()             // node_recv_count [N]
-                           .Attr<int64_t>("workspace_id")
-                           .Attr<int64_t>("num_experts")
-                           .Attr<int64_t>("recv_capacity")
-                           .Attr<int64_t>("expert_alignment")
-                           .Attr<int64_t>("send_capacity")
-                           .Attr<bool>("expert_layout"));
+                       BindDispatchAttrs(
+                           BindDispatchResults(BindDispatchOperands(BindContexts())
+                                                   .Arg<S32>()    // node_pos [T, N]
+                                                   .Arg<S32>())   // tokens_per_node [N]
+                               .Ret<S32>()                        // fwd_slots [N, T, G]
+                               .Ret<S32>()));                     // node_recv_count [N]
 
 XLA_FFI_DEFINE_HANDLER(kInternodeReturnHandler, ReturnImpl,
-                       ffi::Ffi::Bind()
-                           .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                           .Ctx<ffi::DeviceOrdinal>()
-                           .Arg<ffi::AnyBuffer>()  // y rows
-                           .Arg<S32>()             // recv_rows
-                           .Arg<S32>()             // recv_count
-                           .Arg<F32>()             // row_weights ([0] when unweighted)
-                           .Arg<S32>()             // send_pos
-                           .Arg<S32>()             // node_pos
-                           .Arg<S32>()             // fwd_slots
-                           .Arg<S32>()             // node_recv_count
-                           .Ret<ffi::AnyBuffer>()  // out
-                           .Attr<int64_t>("workspace_id")
-                           .Attr<int64_t>("mode")
-                           .Attr<int64_t>("num_topk")
-                           .Attr<int64_t>("send_capacity"));
+                       BindReturnOut(BindReturnOperands(BindContexts())
+                                         .Arg<S32>()     // node_pos
+                                         .Arg<S32>()     // fwd_slots
+                                         .Arg<S32>()));  // node_recv_count
 
 XLA_FFI_DEFINE_HANDLER(kInternodeBroadcastHandler, BroadcastImpl,
-                       ffi::Ffi::Bind()
-                           .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                           .Ctx<ffi::DeviceOrdinal>()
-                           .Arg<ffi::AnyBuffer>()  // values [T, ...]
-                           .Arg<S32>()             // send_pos
-                           .Arg<S32>()             // row_src
-                           .Arg<S32>()             // node_pos
-                           .Arg<S32>()             // fwd_slots
-                           .Arg<S32>()             // node_recv_count
-                           .Ret<ffi::AnyBuffer>()  // rows [C, ...]
-                           .Attr<int64_t>("workspace_id")
-                           .Attr<int64_t>("send_capacity"));
+                       BindBroadcastOut(BindBroadcastOperands(BindContexts())
+                                            .Arg<S32>()     // node_pos
+                                            .Arg<S32>()     // fwd_slots
+                                            .Arg<S32>()));  // node_recv_count
 
 void* InternodeDispatchHandler() { return reinterpret_cast<void*>(kInternodeDispatchHandler); }
 void* InternodeReturnHandler() { return reinterpret_cast<void*>(kInternodeReturnHandler); }

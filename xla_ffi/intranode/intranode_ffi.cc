@@ -139,60 +139,13 @@ XLA_FFI_DEFINE_HANDLER(kPeerCopyHandler, PeerCopyImpl,
                            .Attr<bool>("include_self"));
 
 XLA_FFI_DEFINE_HANDLER(kDispatchHandler, DispatchImpl,
-                       ffi::Ffi::Bind()
-                           .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                           .Ctx<ffi::DeviceOrdinal>()
-                           .Arg<ffi::AnyBuffer>()  // x
-                           .Arg<ffi::AnyBuffer>()  // scales ([T, 0] when not FP8)
-                           .Arg<S32>()             // topk_idx
-                           .Arg<F32>()             // topk_weights
-                           .Arg<S32>()             // pos_in_src
-                           .Arg<S32>()             // send_pos
-                           .Arg<S32>()             // tokens_per_rank
-                           .Arg<S32>()             // tokens_per_expert
-                           .Ret<ffi::AnyBuffer>()  // recv_x
-                           .Ret<ffi::AnyBuffer>()  // recv_scales
-                           .Ret<S32>()             // recv_topk_idx
-                           .Ret<F32>()             // recv_topk_weights
-                           .Ret<S32>()             // group_sizes
-                           .Ret<S32>()             // num_recv_rows
-                           .Ret<S32>()             // num_tokens_per_expert
-                           .Ret<S32>()             // num_dropped
-                           .Ret<S32>()             // recv_rows
-                           .Ret<S32>()             // row_src
-                           .Ret<S32>()             // recv_count
-                           .Attr<int64_t>("workspace_id")
-                           .Attr<int64_t>("num_experts")
-                           .Attr<int64_t>("recv_capacity")
-                           .Attr<int64_t>("expert_alignment")
-                           .Attr<int64_t>("send_capacity")
-                           .Attr<bool>("expert_layout"));
+                       BindDispatchAttrs(BindDispatchResults(BindDispatchOperands(BindContexts()))));
 
 XLA_FFI_DEFINE_HANDLER(kReturnHandler, ReturnImpl,
-                       ffi::Ffi::Bind()
-                           .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                           .Ctx<ffi::DeviceOrdinal>()
-                           .Arg<ffi::AnyBuffer>()  // y rows
-                           .Arg<S32>()             // recv_rows
-                           .Arg<S32>()             // recv_count
-                           .Arg<F32>()             // row_weights ([0] when unweighted)
-                           .Arg<S32>()             // send_pos
-                           .Ret<ffi::AnyBuffer>()  // out
-                           .Attr<int64_t>("workspace_id")
-                           .Attr<int64_t>("mode")
-                           .Attr<int64_t>("num_topk")
-                           .Attr<int64_t>("send_capacity"));
+                       BindReturnOut(BindReturnOperands(BindContexts())));
 
 XLA_FFI_DEFINE_HANDLER(kBroadcastHandler, BroadcastImpl,
-                       ffi::Ffi::Bind()
-                           .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                           .Ctx<ffi::DeviceOrdinal>()
-                           .Arg<ffi::AnyBuffer>()  // values [T, ...]
-                           .Arg<S32>()             // send_pos
-                           .Arg<S32>()             // row_src
-                           .Ret<ffi::AnyBuffer>()  // rows [C, ...]
-                           .Attr<int64_t>("workspace_id")
-                           .Attr<int64_t>("send_capacity"));
+                       BindBroadcastOut(BindBroadcastOperands(BindContexts())));
 
 void* DispatchHandler() { return reinterpret_cast<void*>(kDispatchHandler); }
 void* ReturnHandler() { return reinterpret_cast<void*>(kReturnHandler); }

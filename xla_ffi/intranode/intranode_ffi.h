@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <string>
+#include <utility>
 
 #include "../common/ffi_util.h"
 #include "intranode.h"
@@ -158,6 +159,90 @@ inline ffi::Error FillBroadcast(ffi::AnyBuffer values, S32 send_pos, S32 row_src
   a.send_capacity = int(send_capacity);
   *slot_bytes = (a.row_bytes + 15) / 16 * 16;
   return ffi::Error::Success();
+}
+
+// ------------------------------------------------------------------ bindings
+// The handlers' bindings in pieces, in the order of their parameters: contexts, operands,
+// (internode: node operands), results, (internode: node results), attributes.
+
+inline auto BindContexts() {
+  return ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>().Ctx<ffi::DeviceOrdinal>();
+}
+
+template <typename B>
+auto BindDispatchOperands(B b) {
+  return std::move(b)
+      .template Arg<ffi::AnyBuffer>()  // x
+      .template Arg<ffi::AnyBuffer>()  // scales ([T, 0] when not FP8)
+      .template Arg<S32>()             // topk_idx
+      .template Arg<F32>()             // topk_weights
+      .template Arg<S32>()             // pos_in_src
+      .template Arg<S32>()             // send_pos
+      .template Arg<S32>()             // tokens_per_rank
+      .template Arg<S32>();            // tokens_per_expert
+}
+
+template <typename B>
+auto BindDispatchResults(B b) {
+  return std::move(b)
+      .template Ret<ffi::AnyBuffer>()  // recv_x
+      .template Ret<ffi::AnyBuffer>()  // recv_scales
+      .template Ret<S32>()             // recv_topk_idx
+      .template Ret<F32>()             // recv_topk_weights
+      .template Ret<S32>()             // group_sizes
+      .template Ret<S32>()             // num_recv_rows
+      .template Ret<S32>()             // num_tokens_per_expert
+      .template Ret<S32>()             // num_dropped
+      .template Ret<S32>()             // recv_rows
+      .template Ret<S32>()             // row_src
+      .template Ret<S32>();            // recv_count
+}
+
+template <typename B>
+auto BindDispatchAttrs(B b) {
+  return std::move(b)
+      .template Attr<int64_t>("workspace_id")
+      .template Attr<int64_t>("num_experts")
+      .template Attr<int64_t>("recv_capacity")
+      .template Attr<int64_t>("expert_alignment")
+      .template Attr<int64_t>("send_capacity")
+      .template Attr<bool>("expert_layout");
+}
+
+template <typename B>
+auto BindReturnOperands(B b) {
+  return std::move(b)
+      .template Arg<ffi::AnyBuffer>()  // y rows
+      .template Arg<S32>()             // recv_rows
+      .template Arg<S32>()             // recv_count
+      .template Arg<F32>()             // row_weights ([0] when unweighted)
+      .template Arg<S32>();            // send_pos
+}
+
+template <typename B>
+auto BindReturnOut(B b) {
+  return std::move(b)
+      .template Ret<ffi::AnyBuffer>()  // out
+      .template Attr<int64_t>("workspace_id")
+      .template Attr<int64_t>("mode")
+      .template Attr<int64_t>("num_topk")
+      .template Attr<int64_t>("send_capacity");
+}
+
+template <typename B>
+auto BindBroadcastOperands(B b) {
+  return std::move(b)
+      .template Arg<ffi::AnyBuffer>()  // values [T, ...]
+      .template Arg<S32>()             // send_pos
+      .template Arg<S32>();            // row_src
+}
+
+template <typename B>
+auto BindBroadcastOut(B b) {
+  return std::move(b)
+      .template Ret<ffi::AnyBuffer>()  // rows [C, ...]
+      .template Attr<int64_t>("workspace_id")
+      .template Attr<int64_t>("send_capacity");
 }
 
 }  // namespace jax_ep
