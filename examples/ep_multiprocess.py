@@ -9,6 +9,12 @@ CPUs backend "xla" over gloo - and checks a dispatch -> combine round trip whose
 one (the identity). On a cluster, start one copy per GPU yourself:
 
     python examples/ep_multiprocess.py --rank R --num-processes N --coordinator HOST:PORT
+
+--ranks-per-node G makes nodes of G consecutive ranks (default: the ranks of one host): with
+several nodes backend "cuda" runs the internode kernels (NVSHMEM puts between nodes, NVLink
+inside them); on one host, G = 1 or 2 makes "virtual nodes":
+
+    python examples/ep_multiprocess.py --processes 4 --ranks-per-node 2
 """
 from __future__ import annotations
 
@@ -90,7 +96,7 @@ def run(args) -> None:
 
     backend = "cuda" if devices[0].platform == "gpu" else "xla"
     with jax_ep.Buffer(mesh, "ep", backend=backend, max_tokens_per_rank=T, hidden=H,
-                       num_topk=K) as buf:
+                       num_topk=K, num_ranks_per_node=args.ranks_per_node) as buf:
         def round_trip(x, idx, w):
             res = jax_ep.dispatch(buf, x.astype(jnp.bfloat16), idx, w, num_experts=E,
                                   layout="expert")
@@ -110,7 +116,9 @@ def run(args) -> None:
         rank = [d.process_index for d in devices].index(jax.process_index())
         want = x[rank * T:(rank + 1) * T].astype(jnp.bfloat16).astype(np.float32)
         err = float(np.abs(mine - want).max())
-        print(f"rank {rank}/{R} backend {buf.backend} transport {buf.transport}: "
+        nodes = R // buf.num_ranks_per_node
+        print(f"rank {rank}/{R} backend {buf.backend} transport {buf.transport} "
+              f"nodes {nodes}x{buf.num_ranks_per_node}: "
               f"{int(rows.addressable_shards[0].data[0])} rows received, round trip "
               f"max |err| {err:.2e}, {ms:.2f} ms per call (wall clock)", flush=True)
         if err > 1e-2:
@@ -130,6 +138,9 @@ def main(argv=None) -> int:
     p.add_argument("--topk", type=int, default=4)
     p.add_argument("--experts-per-rank", type=int, default=4)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--ranks-per-node", type=int, default=None,
+                   help="G consecutive ranks per node (default: one host on backend cuda, "
+                        "all ranks on backend xla)")
     args = p.parse_args(argv)
     if args.processes:
         passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
