@@ -1,10 +1,13 @@
 // NvshmemNet: the transport policy of the internode kernels (see common/nodes.cuh for DirectNet,
 // the single-node one). Inside a node: loads and stores, as the intranode kernels. Across nodes,
 // public NVSHMEM device calls only: nvshmemx_putmem_signal_nbi_warp (a message and its arrival
-// signal), nvshmemx_signal_op (barrier flags), nvshmem_signal_wait_until (after our own bounded
-// poll has seen the value: it returns at once, doing the consistency step the transport needs
-// before the message is read), nvshmem_quiet. Compiled only into the NVSHMEM extension
-// (separable compilation, device-linked with libnvshmem_device.a).
+// signal), nvshmemx_signal_op (barrier flags), nvshmem_uint64_wait_until on a signal word after
+// our own bounded poll has seen the value (it returns at once, after the consistency step the
+// transport needs before the message is read; nvshmem_signal_wait_until skips that step in
+// NVSHMEM 3.4), nvshmem_quiet. Compiled only into the NVSHMEM extension (separable
+// compilation, device-linked with libnvshmem_device.a).
+// Not bounded by the Buffer's timeout: a put whose queue is full and nvshmem_quiet wait inside
+// NVSHMEM (a dead peer or link then stalls until the transport's own retry limit).
 #pragma once
 
 #include <nvshmem.h>
@@ -27,7 +30,7 @@ struct NvshmemNet {
   __device__ static void WaitSignal(const uint64_t* signal, const CommArgs& c, int op, int phase,
                                     int peer) {
     WaitAtLeast(signal, c.epoch, c, op, phase, peer);
-    nvshmem_signal_wait_until(const_cast<uint64_t*>(signal), NVSHMEM_CMP_GE, c.epoch);
+    nvshmem_uint64_wait_until(const_cast<uint64_t*>(signal), NVSHMEM_CMP_GE, c.epoch);
   }
 
   // Waits until peer's flag reaches this call's epoch (stored by a peer of my node, or signalled
@@ -78,10 +81,14 @@ struct NvshmemNet {
   }
 
   // Warp-collective: `bytes` from my send slot `src` into peer's receive slot `dst` (both named
-  // by local symmetric addresses), then its arrival signal set to this call's epoch.
+  // by local symmetric addresses), then its arrival signal set to this call's epoch. Every lane
+  // fences its stores into the send slot first: a NIC reads it by DMA (NVSHMEM's own submit
+  // path fences at GPU scope only).
   __device__ static void PutMessage(const CommArgs& c, const NodeComm& n, int peer,
                                     const uint8_t* src, uint8_t* dst, uint64_t* signal,
                                     size_t bytes) {
+    __threadfence_system();
+    __syncwarp();
     nvshmemx_putmem_signal_nbi_warp(dst, src, bytes, signal, c.epoch, NVSHMEM_SIGNAL_SET,
                                     n.pes[peer]);
   }

@@ -103,6 +103,8 @@ __device__ void ForwardMessages(const CommArgs& c, const NodeComm& n, const Disp
 template <typename V, bool kExpert, bool kStaged, typename Net>
 __global__ void __launch_bounds__(kThreads, 1) DispatchKernel(CommArgs c, DispatchArgs a,
                                                               typename Net::Nodes nodes) {
+  // Peers of other nodes cannot address my outputs (nor I theirs): several nodes are staged.
+  static_assert(kStaged || !Net::kInternode, "the internode dispatch is staged");
   // Expert layout: base [E] | start [L + 1] | total [L]; token layout: rows per expert [L].
   extern __shared__ int smem[];
   __shared__ int s_kept, s_all;
