@@ -11,6 +11,8 @@
 #   multiprocess  the whole multi-process suite (NVSHMEM, 2 and 4 processes)
 #   cuda          JAX_EP_TEST_BACKEND=cuda pytest -q tests (single process, kernels vs reference)
 #   ll            the low-latency kernel profile and benchmark (benchmarks/results)
+#   harness       the normal-mode kernels without JAX against the numpy model (ep_harness.py),
+#                 then under compute-sanitizer memcheck, racecheck and synccheck
 #   reliability   soak, stress, compute-sanitizer on the LL harness
 #
 # Logs go to $OUT (the device tool's folder) or ./gpu_checks: checks.log (everything, with a
@@ -55,6 +57,10 @@ for stage in "${stages[@]}"; do
     ll)
       run_stage ll-profile 300 python3 benchmarks/profile_ll.py --out benchmarks/results
       run_stage ll-bench 600 python3 benchmarks/bench_low_latency.py --out benchmarks/results ;;
+    harness)
+      run_stage harness 600 python3 benchmarks/ep_harness.py --out "$out"
+      run_stage harness-sanitizer 900 python3 benchmarks/ep_harness.py --sanitizer all \
+        --iters 1 --out "$out" ;;
     reliability)
       run_stage soak 300 python3 benchmarks/soak.py --out "$out"
       run_stage stress 300 python3 benchmarks/stress.py --out "$out"

@@ -20,14 +20,7 @@
 
 #include "low_latency/low_latency.cu"
 
-#define CHECK(x)                                                                        \
-  do {                                                                                  \
-    cudaError_t e_ = (x);                                                               \
-    if (e_ != cudaSuccess) {                                                            \
-      std::printf("%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e_));            \
-      std::exit(1);                                                                     \
-    }                                                                                   \
-  } while (0)
+#include "harness.h"
 
 namespace ll_harness {
 
