@@ -421,6 +421,23 @@ def test_internode_workspace_bytes():
     assert jax_ep.Buffer.workspace_bytes(**shape, num_ranks_per_node=8) == flat + extra
 
 
+@pytest.mark.parametrize("ranks,per_node", [(1, 0), (2, 1), (4, 2), (8, 8), (16, 4), (6, 3)])
+def test_workspace_bytes_agree_with_the_extension(ranks, per_node, monkeypatch):
+    """The Python fallback formula (machines without the extension) equals what the extension
+    allocates (Workspace::BytesPerDevice), which sizes NVSHMEM's heap."""
+    from jax_ep import _ffi
+    from jax_ep.backends import transport
+
+    if _ffi.extension() is None:
+        pytest.skip("the CUDA extension is not built")
+    for slots, slot_bytes in [(1, 16), (37, 1040), (4096, 29008)]:
+        spec = transport.WorkspaceSpec(slots, slot_bytes, 1, 0, 0, per_node)
+        native = spec.bytes_per_rank(ranks)
+        monkeypatch.setattr(_ffi, "extension", lambda: None)
+        assert spec.bytes_per_rank(ranks) == native, (slots, slot_bytes)
+        monkeypatch.undo()
+
+
 @pytest.mark.gpu
 def test_internode_needs_one_process_per_gpu():
     """One process cannot run the internode kernels: a clear error naming the fix."""

@@ -110,6 +110,18 @@ NB_MODULE(_jax_ep_cuda, m) {
                            jax_ep::kWorkspaceApiCapsule);
       },
       "The workspace lookup table (a PyCapsule) the NVSHMEM extension's handlers bind.");
+  m.def(
+      "workspace_bytes",
+      [](int num_ranks, size_t slots_per_rank, size_t slot_bytes, int ranks_per_node) {
+        jax_ep::WorkspaceConfig config;
+        config.groups = {std::vector<int>(size_t(num_ranks))};
+        config.slots_per_rank = slots_per_rank, config.slot_bytes = slot_bytes;
+        config.ranks_per_node = ranks_per_node;
+        return jax_ep::Workspace::BytesPerDevice(config);
+      },
+      nb::arg("num_ranks"), nb::arg("slots_per_rank"), nb::arg("slot_bytes"),
+      nb::arg("ranks_per_node") = 0,
+      "Bytes per GPU of a workspace (signal area, flags, staging, internode message slots).");
   m.def("release_workspace", &jax_ep::ReleaseWorkspace, nb::arg("id"),
         "Frees a workspace (waits for the devices first).");
   m.def(

@@ -34,6 +34,12 @@ class WorkspaceSpec:
     ranks_per_node: int = 0  # G; 0 or R: one node (no internode area)
 
     def bytes_per_rank(self, num_ranks: int) -> int:
+        """Workspace bytes per GPU: the extension's own count when it is built (it allocates
+        them), else the same formula here (Buffer.workspace_bytes on machines without it)."""
+        ext = _ffi.extension()
+        if ext is not None and hasattr(ext, "workspace_bytes"):
+            return int(ext.workspace_bytes(num_ranks, self.slots_per_rank, self.slot_bytes,
+                                           self.ranks_per_node))
         flags = _align(num_ranks * self.slots_per_rank * 8, 256)
         staging = num_ranks * self.slots_per_rank * self.slot_bytes
         return _ffi.SIGNAL_BYTES + flags + staging + self.internode_bytes(num_ranks)

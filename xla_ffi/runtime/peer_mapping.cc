@@ -128,9 +128,13 @@ class ExternalMapping final : public PeerMapping {
         return "jax_ep: GPU " + std::to_string(ops_->device) + " (PE " +
                std::to_string(ops_->my_pe) + ") cannot reach rank " + std::to_string(p) +
                " (PE " + std::to_string((*mine)[p]) +
-               ") by loads and stores (no NVLink/P2P path): the ranks of a node need one NVLink "
-               "domain (with several hosts, pass num_ranks_per_node or let jax_ep group the "
-               "ranks by host)";
+               ") by loads and stores (no NVLink/P2P path): " +
+               (ranks_per_node > 0
+                    ? std::string("the ranks of a node (num_ranks_per_node) need one NVLink domain")
+                    : std::string("this workspace needs every rank of the EP axis in one NVLink "
+                                  "domain; across hosts the normal ops run the internode kernels "
+                                  "(Buffer num_ranks_per_node, by default the ranks of a host), "
+                                  "the low-latency ops have no network leg"));
       }
       out->back().peer_ws[p] = static_cast<uint8_t*>(peer);
     }

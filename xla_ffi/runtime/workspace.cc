@@ -65,6 +65,10 @@ size_t Workspace::bytes_per_device() const {
          internode_bytes();
 }
 
+size_t Workspace::BytesPerDevice(const WorkspaceConfig& config) {
+  return Workspace(config, nullptr).bytes_per_device();
+}
+
 int Workspace::num_nodes() const {
   const int per_node = config_.ranks_per_node;
   return per_node > 0 ? int(max_ranks()) / per_node : 1;

@@ -51,6 +51,9 @@ class Workspace {
   const char* transport() const { return mapping_->name(); }
   bool staged() const { return mapping_->staged(); }
   size_t bytes_per_device() const;
+  // bytes_per_device() of a workspace with this configuration (jax_ep/backends/transport.py
+  // sizes NVSHMEM's heap with it before creating one).
+  static size_t BytesPerDevice(const WorkspaceConfig& config);
   size_t flags_bytes() const;  // arrival flags [R][slots_per_rank] u64, after the signal area
   int num_nodes() const;       // N (1: a single-node workspace)
   // The internode area after the staging (0 bytes with one node): per node, a message slot per
