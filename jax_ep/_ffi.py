@@ -41,9 +41,9 @@ _nvshmem_ext = None
 
 # Bytes of the flags/counts/pointers area at the head of every workspace: exported by the
 # extension (xla_ffi/common/comm.h kSignalBytes); the literal serves builds without it.
-SIGNAL_BYTES: int = int(getattr(_ext, "SIGNAL_BYTES", 331776))
+SIGNAL_BYTES: int = int(getattr(_ext, "SIGNAL_BYTES", 667136))
 # Most ranks of one EP group (xla_ffi/common/comm.h kMaxRanks).
-MAX_RANKS: int = int(getattr(_ext, "MAX_RANKS", 16))
+MAX_RANKS: int = int(getattr(_ext, "MAX_RANKS", 32))
 
 LAYOUT_TARGET = "jax_ep_dispatch_layout"
 LAYOUT_MAX_EXPERTS = 1024  # xla_ffi/layout_kernels.h kLayoutMaxExperts

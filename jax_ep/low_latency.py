@@ -43,7 +43,9 @@ from .types import (LowLatencyCombineResult, LowLatencyConfig, LowLatencyDispatc
 __all__ = ["combine", "combine_recv", "combine_send", "dispatch", "dispatch_recv",
            "dispatch_send", "tie"]
 
-MAX_RANKS = 16  # xla_ffi/common/comm.h kMaxRanks (token bitmasks are int32)
+# The low-latency kernels' own limit (below comm.h kMaxRanks = 32: their token bitmasks are
+# int32 and they build rank masks as (1 << R) - 1).
+MAX_RANKS = 16
 MAX_TOPK = 32
 MAX_LOCAL_EXPERTS = 1024
 

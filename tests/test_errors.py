@@ -412,12 +412,13 @@ def test_hosts_group_the_ranks_into_nodes():
 
 def test_internode_workspace_bytes():
     """Several nodes add the network leg's message slots: a receive and a send slot per (node,
-    token) of slot + 64 bytes, and a signal word per receive slot."""
+    token) of slot + 128 bytes (forward slots for up to 32 ranks), a signal word per receive
+    slot."""
     shape = dict(num_experts=16, num_topk=8, hidden=7168, max_tokens_per_rank=4096, num_ranks=16)
     flat = jax_ep.Buffer.workspace_bytes(**shape)
     assert jax_ep.Buffer.workspace_bytes(**shape, num_ranks_per_node=16) == flat
     slot = jax_ep.buffer.slot_bytes_for(7168, 8)
-    extra = -(-2 * 4096 * 8 // 256) * 256 + 2 * 2 * 4096 * (slot + 64)
+    extra = -(-2 * 4096 * 8 // 256) * 256 + 2 * 2 * 4096 * (slot + 128)
     assert jax_ep.Buffer.workspace_bytes(**shape, num_ranks_per_node=8) == flat + extra
 
 

@@ -275,4 +275,4 @@ def test_nvshmem_transport_is_built_and_loads(extension):
         module.mapping()
     with pytest.raises(ValueError, match="unique ID has"):
         module.init(b"short", 0, 1, 0)
-    assert extension.SIGNAL_BYTES == _ffi.SIGNAL_BYTES == 331776
+    assert extension.SIGNAL_BYTES == _ffi.SIGNAL_BYTES == 667136

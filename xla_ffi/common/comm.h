@@ -20,7 +20,7 @@ namespace jax_ep {
 
 __host__ __device__ constexpr size_t Align16(size_t v) { return (v + 15) / 16 * 16; }
 
-constexpr int kMaxRanks = 16;
+constexpr int kMaxRanks = 32;
 constexpr int kMaxBlocks = 256;
 constexpr int kMaxLocalExperts = 1024;
 constexpr int kMaxExperts = 4096;
@@ -53,7 +53,7 @@ constexpr size_t kLLDoneOffset = kLLInflightOffset + 8 * 4;    // u32 [2 ops][2 
 // kept per parity, never one running maximum.
 constexpr size_t kLLConsumedOffset = kLLDoneOffset + 8 * 4;    // u64 [2 ops][2 parities][kMaxRanks]
 constexpr size_t kSignalBytes = (kLLConsumedOffset + 8ull * 4 * kMaxRanks + 255) / 256 * 256;
-static_assert(kSignalBytes == 331776, "keep jax_ep/_ffi.py SIGNAL_BYTES in sync");
+static_assert(kSignalBytes == 667136, "keep jax_ep/_ffi.py SIGNAL_BYTES in sync");
 
 // Phases named in timeout reports.
 enum Phase : int {
