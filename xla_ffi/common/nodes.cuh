@@ -12,10 +12,6 @@ namespace jax_ep {
 // The Nodes argument of a single-node kernel: nothing to know.
 struct Flat {};
 
-__device__ __forceinline__ int NodeOf(const NodeComm& n, int rank) {
-  return rank / n.ranks_per_node;
-}
-
 // Message slot q of `node` in this rank's workspace: by source node (receive side) or by
 // destination node (send side). Symmetric memory: a put to a peer names its slot by the local
 // address of the same slot.
