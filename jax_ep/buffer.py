@@ -118,6 +118,14 @@ class Buffer:
             raise ValueError(f"ll_max_tokens_per_rank must be >= 1, got {ll_max_tokens_per_rank}")
         sized = None not in (hidden, num_topk) and (
             max_tokens_per_rank is not None or ll_max_tokens_per_rank is not None)
+        num_ranks = int(mesh.shape[axis_name])
+        if num_ranks_per_node is not None:  # before "auto" looks at it
+            num_ranks_per_node = static_int(
+                "num_ranks_per_node", num_ranks_per_node,
+                meaning="G, consecutive ranks of the EP axis forming one node")
+            if num_ranks % num_ranks_per_node:
+                raise ValueError(f"num_ranks_per_node ({num_ranks_per_node}) must divide the "
+                                 f"number of EP ranks ({num_ranks})")
         groups = _ep_groups(mesh, axis_name)
         if backend == "auto":
             usable = on_gpu and sized and _cuda_kernels_available()
@@ -140,14 +148,7 @@ class Buffer:
             _check_recv_sms(num_recv_sms, num_sms)
         self.mesh = mesh
         self.axis_name = axis_name
-        self.num_ranks = int(mesh.shape[axis_name])
-        if num_ranks_per_node is not None:
-            num_ranks_per_node = static_int(
-                "num_ranks_per_node", num_ranks_per_node,
-                meaning="G, consecutive ranks of the EP axis forming one node")
-            if self.num_ranks % num_ranks_per_node:
-                raise ValueError(f"num_ranks_per_node ({num_ranks_per_node}) must divide the "
-                                 f"number of EP ranks ({self.num_ranks})")
+        self.num_ranks = num_ranks
         # Resolved below for backend "cuda" across processes (ranks grouped by host).
         self.num_ranks_per_node = num_ranks_per_node or self.num_ranks
         self.backend = backend

@@ -31,6 +31,22 @@ __device__ __forceinline__ uint64_t* MessageSignal(const CommArgs& c, const Node
          q;
 }
 
+// The forwarder's step (internode dispatch and broadcast): the `bytes` of a message that source
+// rank `src` (another node) put here go into the staging slot `slot` (lane j's value, -1: none)
+// of each rank j of my node, whose arrival flags then rise, as if `src` had stored them itself.
+template <typename V>
+__device__ __forceinline__ void ForwardToNode(const CommArgs& c, const NodeComm& n, int src,
+                                              int slot, const uint8_t* msg, size_t bytes,
+                                              int lane) {
+  const int first = c.rank - c.rank % n.ranks_per_node;  // rank 0 of my node
+  WarpCopyToRows<V, false>(
+      __ballot_sync(kFull, slot >= 0),
+      [&](int j) { return Slot(c, first + j, src, __shfl_sync(kFull, slot, j)); }, msg, bytes,
+      lane);
+  __syncwarp();  // every lane's stores precede the releases (cumulativity)
+  if (slot >= 0) StoreRelease(SlotFlag(c, first + lane, src, slot), c.epoch);
+}
+
 // One node: every peer is reached by loads and stores.
 struct DirectNet {
   static constexpr bool kInternode = false;

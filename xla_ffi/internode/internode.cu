@@ -63,12 +63,7 @@ __global__ void __launch_bounds__(kThreads, 1) BroadcastKernel(CommArgs c, Broad
                          ? a.fwd_slots[(size_t(node) * a.num_tokens + q) * per_node + lane] : -1;
     if (lane == 0) Net::WaitMessage(MessageSignal(c, n, node, q), c, n, kOpBroadcast, src);
     __syncwarp();
-    WarpCopyToRows<V, false>(
-        __ballot_sync(kFull, slot >= 0),
-        [&](int j) { return Slot(c, my_node * per_node + j, src, __shfl_sync(kFull, slot, j)); },
-        RecvMessage(c, n, node, q), row_bytes, lane);
-    __syncwarp();
-    if (slot >= 0) StoreRelease(SlotFlag(c, my_node * per_node + lane, src, slot), c.epoch);
+    ForwardToNode<V>(c, n, src, slot, RecvMessage(c, n, node, q), row_bytes, lane);
   }
   Net::Quiet();
 

@@ -83,12 +83,7 @@ __device__ void ForwardMessages(const CommArgs& c, const NodeComm& n, const Disp
     const uint8_t* msg = RecvMessage(c, n, node, q);
     const int slot = lane < per_node ? LoadStaged<int32_t>(msg + meta.bytes, lane) : -1;
     if (lane < per_node) fwd_out[lane] = slot;
-    const unsigned to = __ballot_sync(kFull, slot >= 0);
-    WarpCopyToRows<int4, false>(
-        to, [&](int j) { return Slot(c, my_node * per_node + j, src, __shfl_sync(kFull, slot, j)); },
-        msg, meta.bytes, lane);
-    __syncwarp();  // every lane's stores precede the releases (cumulativity)
-    if (slot >= 0) StoreRelease(SlotFlag(c, my_node * per_node + lane, src, slot), c.epoch);
+    ForwardToNode<int4>(c, n, src, slot, msg, meta.bytes, lane);
   }
 }
 

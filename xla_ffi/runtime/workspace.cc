@@ -60,10 +60,11 @@ size_t Workspace::flags_bytes() const {
   return (max_ranks() * config_.slots_per_rank * 8 + 255) / 256 * 256;
 }
 
-size_t Workspace::bytes_per_device() const {
-  return kSignalBytes + flags_bytes() + max_ranks() * config_.slots_per_rank * config_.slot_bytes +
-         internode_bytes();
+size_t Workspace::staging_end() const {
+  return kSignalBytes + flags_bytes() + max_ranks() * config_.slots_per_rank * config_.slot_bytes;
 }
+
+size_t Workspace::bytes_per_device() const { return staging_end() + internode_bytes(); }
 
 size_t Workspace::BytesPerDevice(const WorkspaceConfig& config) {
   return Workspace(config, nullptr).bytes_per_device();
@@ -78,11 +79,14 @@ size_t Workspace::message_bytes() const {
   return config_.slot_bytes + (4 * kMaxRanks + 15) / 16 * 16;  // keep transport.py in sync
 }
 
+size_t Workspace::node_signals_bytes() const {
+  return (size_t(num_nodes()) * config_.slots_per_rank * 8 + 255) / 256 * 256;
+}
+
 size_t Workspace::internode_bytes() const {
   const size_t nodes = num_nodes();
   if (nodes <= 1) return 0;
-  const size_t signals = (nodes * config_.slots_per_rank * 8 + 255) / 256 * 256;
-  return signals + 2 * nodes * config_.slots_per_rank * message_bytes();
+  return node_signals_bytes() + 2 * nodes * config_.slots_per_rank * message_bytes();
 }
 
 NodeComm Workspace::Nodes(const DeviceSlot& slot) const {
@@ -91,11 +95,10 @@ NodeComm Workspace::Nodes(const DeviceSlot& slot) const {
   for (size_t r = 0; r < group.size(); ++r) n.pes[r] = group[r];
   n.num_nodes = num_nodes();
   n.ranks_per_node = slot.num_ranks / n.num_nodes;
-  const size_t nodes = n.num_nodes, slots = config_.slots_per_rank;
-  n.slots = slots;
-  n.signals_offset = kSignalBytes + flags_bytes() + max_ranks() * slots * config_.slot_bytes;
-  n.recv_offset = n.signals_offset + (nodes * slots * 8 + 255) / 256 * 256;
-  n.send_offset = n.recv_offset + nodes * slots * message_bytes();
+  n.slots = config_.slots_per_rank;
+  n.signals_offset = staging_end();
+  n.recv_offset = n.signals_offset + node_signals_bytes();
+  n.send_offset = n.recv_offset + size_t(n.num_nodes) * n.slots * message_bytes();
   return n;
 }
 

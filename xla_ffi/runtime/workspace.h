@@ -55,6 +55,8 @@ class Workspace {
   // sizes NVSHMEM's heap with it before creating one).
   static size_t BytesPerDevice(const WorkspaceConfig& config);
   size_t flags_bytes() const;  // arrival flags [R][slots_per_rank] u64, after the signal area
+  size_t staging_end() const;  // signal area + flags + staging: where the internode area starts
+  size_t node_signals_bytes() const;  // the internode area's arrival signals, u64 [N][slots]
   int num_nodes() const;       // N (1: a single-node workspace)
   // The internode area after the staging (0 bytes with one node): per node, a message slot per
   // token and its arrival signal (receive side) and a message slot per token (send side).
