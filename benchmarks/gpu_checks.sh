@@ -15,6 +15,7 @@
 #                 then under compute-sanitizer memcheck, racecheck and synccheck
 #   reliability   soak, stress, compute-sanitizer on the LL harness
 #
+# A stage's time limit can be lowered from the environment: LIMIT_<stage, - as _>=SECONDS.
 # Logs go to $OUT (the device tool's folder) or ./gpu_checks: checks.log (everything, with a
 # header per stage) and summary.txt (one line per stage: status and seconds).
 set -u
@@ -31,6 +32,8 @@ stages=("$@")
 run_stage() {  # name, timeout seconds, command...
   local name=$1 limit=$2
   shift 2
+  local override="LIMIT_${name//-/_}"  # e.g. LIMIT_internode=200 to fit one device call
+  limit=${!override:-$limit}
   local start=$SECONDS
   echo "===== $name: $* (limit ${limit}s)" | tee -a "$log"
   timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1
