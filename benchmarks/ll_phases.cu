@@ -55,6 +55,7 @@ struct Rank {
   LLCombineRecvArgs crecv{};
   cudaStream_t stream;
   std::vector<int> idx;
+  std::vector<uint16_t> y;  // [L * R * M, H] the expert outputs (host copy, for CheckCombine)
 };
 
 std::vector<Rank> Setup(const Options& o, std::mt19937& rng) {
@@ -105,7 +106,8 @@ std::vector<Rank> Setup(const Options& o, std::mt19937& rng) {
         w[t * K + j] = pos(rng);
       }
     }
-    std::vector<uint16_t> y(size_t(L) * R * M * H);  // large: a cheap generator
+    std::vector<uint16_t>& y = k.y;  // large: a cheap generator
+    y.resize(size_t(L) * R * M * H);
     uint32_t state = rng();
     for (auto& v : y) {
       state = state * 1664525u + 1013904223u;
@@ -147,6 +149,76 @@ std::vector<Rank> Setup(const Options& o, std::mt19937& rng) {
   }
   CHECK(cudaDeviceSynchronize());
   return ranks;
+}
+
+float Bf16ToF32(uint16_t b) {
+  const uint32_t u = uint32_t(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// a + w * x rounded twice, as the kernels (never contracted into an FMA).
+float AddMul(float a, float w, float x) {
+  volatile float product = w * x;
+  return a + product;
+}
+
+template <typename T>
+std::vector<T> Fetch(const T* p, size_t n) {
+  std::vector<T> v(n);
+  CHECK(cudaMemcpy(v.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
+  return v;
+}
+
+// Every rank's combine output (and num_missing) against the host model: per token, the partials
+// of the ranks in token_sent (rank order; a rank's partial = its rows in top-k order, weighted,
+// float32, rounded to bfloat16), summed in float32 and rounded. Bit-exact; returns mismatches.
+long long CheckCombine(std::vector<Rank>& ranks, const char* what) {
+  CHECK(cudaDeviceSynchronize());
+  const int R = int(ranks.size());
+  const Rank& k0 = ranks[0];
+  const int T = k0.crecv.num_tokens, H = k0.crecv.hidden, K = k0.crecv.num_topk;
+  std::vector<std::vector<int32_t>> rows(R);
+  std::vector<std::vector<float>> weights(R);
+  for (int d = 0; d < R; ++d) {
+    rows[d] = Fetch(ranks[d].crecv.slot_rows, size_t(R) * T * K);
+    weights[d] = Fetch(ranks[d].crecv.slot_weights, size_t(R) * T * K);
+  }
+  long long bad = 0;
+  for (int s = 0; s < R; ++s) {
+    const auto out = Fetch(ranks[s].crecv.out, size_t(T) * H);
+    const auto sent = Fetch(ranks[s].crecv.token_sent, size_t(T));
+    const auto dests = Fetch(ranks[s].crecv.token_dests, size_t(T));
+    const auto missing = Fetch(ranks[s].crecv.num_missing, size_t(T));
+    std::vector<float> acc(H), part(H);
+    for (int t = 0; t < T; ++t) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int d = 0; d < R; ++d) {
+        if (!((sent[t] >> d) & 1)) continue;
+        std::fill(part.begin(), part.end(), 0.f);
+        for (int j = 0; j < K; ++j) {
+          const size_t at = (size_t(s) * T + t) * K + j;
+          const int row = rows[d][at];
+          if (row < 0) continue;
+          const uint16_t* yr = ranks[d].y.data() + size_t(row) * H;
+          for (int e = 0; e < H; ++e) part[e] = AddMul(part[e], weights[d][at], Bf16ToF32(yr[e]));
+        }
+        for (int e = 0; e < H; ++e) acc[e] = acc[e] + Bf16ToF32(Bf16Bits(part[e]));
+      }
+      for (int e = 0; e < H; ++e) {
+        const uint16_t want = Bf16Bits(acc[e]), got = out[size_t(t) * H + e];
+        if (want != got && bad++ < 3) {
+          std::printf("  %s: rank %d token %d channel %d: got %04x want %04x\n", what, s, t, e,
+                      got, want);
+        }
+      }
+      if (missing[t] != 0 || sent[t] != dests[t]) ++bad;  // no rank fails here
+    }
+  }
+  std::printf("combine check (%s): %s (%lld mismatches)\n", what, bad ? "FAILED" : "bit-exact",
+              bad);
+  return bad;
 }
 
 enum Mode { kFusedDispatch, kSplitDispatch, kFusedCombine, kSplitCombine, kEmpty };
@@ -315,12 +387,20 @@ int main(int argc, char** argv) {
       return 1;
     }
   }
+  long long bad = 0;
+  for (Mode m : {kFusedCombine, kSplitCombine}) {
+    for (auto& k : ranks) CHECK(cudaMemset(k.crecv.out, 0xff, size_t(o.tokens) * o.hidden * 2));
+    for (auto& k : ranks) Launch(k, m);
+    bad += CheckCombine(ranks, kModeNames[m]);
+  }
   std::printf("\n%-26s %10s %14s\n", "kernel(s)", "us/call", "us/call graph");
   for (int m = kFusedDispatch; m <= kEmpty; ++m) {
     const double plain = TimeMode(ranks, Mode(m), o.iters, false);
     std::printf("%-26s %10.2f %14.2f\n", kModeNames[m], plain,
                 TimeMode(ranks, Mode(m), o.iters, true));
   }
+  bad += CheckCombine(ranks, "combine after the timed calls");  // the last send+recv's output
+  if (bad) return 1;
 #ifdef JAX_EP_LL_TRACE
   Trace(ranks, "dispatch (fused)",
         [](Rank& k) { return LaunchLLDispatch(k.comm, k.dsend, k.drecv, k.stream); });

@@ -43,7 +43,7 @@ def slot_bytes_for(hidden: int, num_topk: int) -> int:
     return _align16(hidden * 4) + _align16(-(-hidden // 128) * 4) + _align16(num_topk * 12)
 
 
-LL_CHUNK = 256  # channels per low-latency combine chunk (xla_ffi/low_latency/low_latency.h)
+LL_CHUNK = 512  # channels per low-latency combine chunk (xla_ffi/low_latency/low_latency.h)
 LL_MAX_LOCAL_EXPERTS = 1024  # xla_ffi/common/comm.h kMaxLocalExperts
 
 

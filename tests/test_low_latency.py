@@ -78,6 +78,8 @@ CASES = [  # (ranks, T, H, K, E, M, fp8, routing)
     (4, 6, 256, 5, 8, 6, True, "messy"),
     (8, 3, 128, 8, 24, 4, True, "uniform"),
     (8, 4, 200, 2, 16, 4, False, "skewed"),
+    (1, 5, 1160, 4, 8, 6, False, "messy"),    # 2 whole combine chunks + 136 channels
+    (2, 6, 1408, 3, 8, 7, True, "skewed"),    # 2 whole chunks + a chunk's last piece half used
 ]
 
 

@@ -26,11 +26,12 @@ CASES = [
     (11, 136, 3, 2, 13, False, "messy", True, None),    # -1, invalid, repeated experts, T < M
     (9, 384, 2, 1, 9, True, "skewed", True, None),      # every token to expert 0
     (7, 128, 3, 2, 8, True, "uniform", False, "last"),  # the last rank masked as failed
+    (6, 1408, 4, 2, 7, True, "messy", True, None),     # several combine chunks, the last partial
 ]
 
 
 def _buffer(g: Group, m: int, timeout_s: float = 120.0) -> jax_ep.Buffer:
-    buf = jax_ep.Buffer(g.mesh, "ep", backend=g.backend, ll_max_tokens_per_rank=m, hidden=384,
+    buf = jax_ep.Buffer(g.mesh, "ep", backend=g.backend, ll_max_tokens_per_rank=m, hidden=1408,
                         num_topk=5, timeout_s=timeout_s)
     if g.backend == "cuda":
         assert buf.transport == ("nvshmem" if g.num_ranks > 1 else "p2p"), buf

@@ -134,7 +134,7 @@ def test_multiprocess_low_latency(num_processes, seed):
     results = _run("ll_bodies:ll_checks", num_processes, seed)
     for r in results:
         print(f"rank {r.rank}: {r.result}")
-        assert r.result["rank"] == r.rank and r.result["cases"] == 4
+        assert r.result["rank"] == r.rank and r.result["cases"] == 5  # len(ll_bodies.CASES)
 
 
 @pytest.mark.parametrize("num_processes", RANKS)

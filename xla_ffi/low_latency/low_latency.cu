@@ -79,6 +79,12 @@ __device__ __forceinline__ unsigned FailedBits(const int32_t* failed, int num_ra
   return (bits >> rank) & 1 ? (1u << num_ranks) - 1 : bits;
 }
 
+// EP1: nothing is staged, so no block's reads must finish before the bookkeeping. Block 0 alone
+// takes the generation and retires it as soon as it has it; the other blocks never read the
+// control words (g is theirs only to name staging, of which there is none): no barrier, no
+// completion counter, no tail after the data.
+__host__ __device__ __forceinline__ bool Solo(const CommArgs& c) { return c.num_ranks == 1; }
+
 // True in every thread of the block that finishes last (its counter is reset for the next call).
 // No fence: what the last block then publishes depends only on the blocks' reads of the staging
 // (complete: their values were used) and on kernel-boundary order (the outputs, Gen, Inflight).
@@ -92,23 +98,6 @@ __device__ inline bool LastBlock(unsigned* counter) {
   }
   __syncthreads();
   return s_last;
-}
-
-// The receive of `ticket` (g, parity): every thread reads it; thread 0 checks that g is in
-// flight on its parity (else traps: a receive without its send). No barrier: warps may start
-// polling at once, a wrong ticket traps the whole grid.
-__device__ inline void ReadTicket(const CommArgs& c, int op, int op_code, const int32_t* ticket,
-                                  uint64_t* g_out, int* parity_out) {
-  const uint64_t g = uint64_t(uint32_t(__ldg(ticket)));
-  const int parity = __ldg(ticket + 1);
-  if (threadIdx.x == 0) {
-    const uint64_t inflight = parity == int(g & 1) ? *reinterpret_cast<volatile uint64_t*>(
-                                                         Inflight(c.peer_ws[c.rank], op, parity))
-                                                   : 0;
-    if (g == 0 || inflight != g) ReportAndTrap(c, op_code, kPhaseNoSend, c.rank, g);
-  }
-  *g_out = g;
-  *parity_out = parity;
 }
 
 // A send takes the next generation g = Gen + 1 (the whole block; it syncs the block). Warp 0
@@ -125,7 +114,7 @@ struct SendWords {
 __device__ __forceinline__ SendWords ReadSendWords(const CommArgs& c, int op) {
   SendWords w{0, 0, 0, 0, 0};
   const int d = threadIdx.x;
-  if (d < 32) {
+  if (d < 32 && (!Solo(c) || blockIdx.x == 0)) {  // EP1: block 0's alone
     uint8_t* ws = c.peer_ws[c.rank];
     const bool check = blockIdx.x == 0 && d == 0, peer = d < c.num_ranks;
     w.last = *reinterpret_cast<volatile uint64_t*>(Gen(ws, op));
@@ -154,10 +143,12 @@ __device__ inline uint64_t FinishBeginSend(const CommArgs& c, int op, int op_cod
     if (waits && g > 2) {
       if ((parity ? w.seen1 : w.seen0) < g - 2) {
         WaitAtLeast(Consumed(ws, op, parity, d), g - 2, c, op_code, kPhaseFree, d, d == c.rank);
-      } else if (d == c.rank) {  // acquire what the relaxed read saw: the peer's reads of the
-        asm volatile("fence.acq_rel.gpu;" ::: "memory");  // staging precede our stores
-      } else {
-        asm volatile("fence.acq_rel.sys;" ::: "memory");
+      } else if (!Solo(c)) {  // acquire what the relaxed read saw: the peer's reads of the
+        if (d == c.rank) {    // staging precede our stores (EP1: nothing staged, no order)
+          asm volatile("fence.acq_rel.gpu;" ::: "memory");
+        } else {
+          asm volatile("fence.acq_rel.sys;" ::: "memory");
+        }
       }
     }
     if (!sync) return g;
@@ -166,10 +157,6 @@ __device__ inline uint64_t FinishBeginSend(const CommArgs& c, int op, int op_cod
   if (!sync) return 0;
   __syncthreads();  // the waits precede every thread's stores to the staging (cumulativity)
   return s_gen;
-}
-
-__device__ inline uint64_t BeginSend(const CommArgs& c, int op, int op_code, unsigned failed) {
-  return FinishBeginSend(c, op, op_code, failed, ReadSendWords(c, op));
 }
 
 // Last block of a send: generation g is now in flight.
@@ -181,12 +168,11 @@ __device__ inline void EndSend(const CommArgs& c, int op, uint64_t g) {
   }
 }
 
-// Last block of a receive: parity free here, and every live peer learns it may reuse it.
-// kFused: send and receive in one kernel (g never went in flight; the generation advances here,
-// after every block has read it).
+// A receive is over: parity free here, and every live peer learns it may reuse it. kFused: send
+// and receive in one kernel (g never went in flight; the generation advances here, after every
+// block has read it).
 template <bool kFused>
-__device__ inline void EndRecv(const CommArgs& c, int op, uint64_t g, unsigned failed) {
-  if (!LastBlock(Done(c.peer_ws[c.rank], op, kRecv))) return;
+__device__ inline void RetireRecv(const CommArgs& c, int op, uint64_t g, unsigned failed) {
   uint8_t* ws = c.peer_ws[c.rank];
   if (threadIdx.x == 0) {
     if (kFused) {
@@ -197,8 +183,66 @@ __device__ inline void EndRecv(const CommArgs& c, int op, uint64_t g, unsigned f
   }
   const int s = threadIdx.x;
   if (s < c.num_ranks && !((failed >> s) & 1)) {
-    StoreReleaseTo(Consumed(c.peer_ws[s], op, int(g & 1), c.rank), g, s == c.rank);
+    uint64_t* word = Consumed(c.peer_ws[s], op, int(g & 1), c.rank);
+    if (Solo(c)) {
+      *reinterpret_cast<volatile uint64_t*>(word) = g;  // nothing staged: nothing to order
+    } else {
+      StoreReleaseTo(word, g, s == c.rank);
+    }
   }
+}
+
+// The last block of a receive retires it (EP>1; at EP1 the kernels retire it up front).
+template <bool kFused>
+__device__ inline void EndRecv(const CommArgs& c, int op, uint64_t g, unsigned failed) {
+  if (Solo(c) || !LastBlock(Done(c.peer_ws[c.rank], op, kRecv))) return;
+  RetireRecv<kFused>(c, op, g, failed);
+}
+
+// A send's generation g from its words, the ticket (g, parity) written. A fused kernel at EP1
+// (Solo): block 0's alone (warp 0 has it), retired at once; the other blocks get 0.
+template <bool kFused>
+__device__ inline uint64_t OpenSend(const CommArgs& c, int op, int op_code, unsigned failed,
+                                    const SendWords& w, int32_t* ticket) {
+  const bool solo = kFused && Solo(c);
+  if (solo && blockIdx.x != 0) return 0;
+  const uint64_t g = FinishBeginSend(c, op, op_code, failed, w, !solo);
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    ticket[0] = int32_t(g), ticket[1] = int(g & 1);
+    if (solo) RetireRecv<true>(c, op, g, failed);
+  }
+  return g;
+}
+
+// The receive of `ticket` (g, parity), in two steps like a send's words: every thread loads the
+// ticket and thread 0 both parities' in-flight words (one round trip, in flight with the kernel's
+// first loads); then OpenRecv checks that g is in flight on its parity (else traps: a receive
+// without its send). At EP1 only block 0 checks, and retires the receive at once (Solo). No
+// barrier: warps may start polling at once, a wrong ticket traps the whole grid.
+struct TicketWords {
+  uint64_t g, busy0, busy1;
+  int parity;
+};
+
+__device__ __forceinline__ bool ChecksTicket(const CommArgs& c) {
+  return threadIdx.x == 0 && (!Solo(c) || blockIdx.x == 0);
+}
+
+__device__ __forceinline__ TicketWords ReadTicket(const CommArgs& c, int op, const int32_t* ticket) {
+  TicketWords w{uint64_t(uint32_t(__ldg(ticket))), 0, 0, __ldg(ticket + 1)};
+  if (ChecksTicket(c)) {
+    w.busy0 = *reinterpret_cast<volatile uint64_t*>(Inflight(c.peer_ws[c.rank], op, 0));
+    w.busy1 = *reinterpret_cast<volatile uint64_t*>(Inflight(c.peer_ws[c.rank], op, 1));
+  }
+  return w;
+}
+
+__device__ inline void OpenRecv(const CommArgs& c, int op, int op_code, const TicketWords& w,
+                                unsigned failed) {
+  if (!ChecksTicket(c)) return;
+  const uint64_t inflight = w.parity == int(w.g & 1) ? (w.parity ? w.busy1 : w.busy0) : 0;
+  if (w.g == 0 || inflight != w.g) ReportAndTrap(c, op_code, kPhaseNoSend, c.rank, w.g);
+  if (Solo(c)) RetireRecv<false>(c, op, w.g, failed);
 }
 
 // ------------------------------------------------------------------ dispatch send
@@ -739,14 +783,6 @@ __device__ void DispatchRecvPart(const CommArgs& c, const LLDispatchRecvArgs& a,
 
 constexpr int kRecvSharedInts = 2 * kMaxExperts + kMaxLocalExperts;
 
-// A dispatch send's start: the generation (ticket written), every live peer's parity free.
-__device__ inline uint64_t OpenDispatchSend(const CommArgs& c, const LLDispatchSendArgs& a,
-                                            unsigned failed) {
-  const uint64_t g = BeginSend(c, kOpD, kOpLLDispatch, failed);
-  if (blockIdx.x == 0 && threadIdx.x == 0) a.ticket[0] = int32_t(g), a.ticket[1] = int(g & 1);
-  return g;
-}
-
 template <bool kFp8>
 __global__ void __launch_bounds__(kThreads, 1) LLDispatchSendKernel(CommArgs c, LLDispatchSendArgs a) {
   __shared__ int s_hist[kMaxExperts];
@@ -755,7 +791,8 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchSendKernel(CommArgs c, 
   SendPrefetch pre{};  // before the waits; at EP1 nothing is staged (the receive reads x)
   if (c.num_ranks > 1) pre = PrefetchSend<kFp8>(a, blockIdx.x);
   const unsigned failed = FailedBits(a.failed, c.num_ranks, c.rank);
-  const uint64_t g = OpenDispatchSend(c, a, failed);
+  const uint64_t g =
+      OpenSend<false>(c, kOpD, kOpLLDispatch, failed, ReadSendWords(c, kOpD), a.ticket);
   LL_STAMP(1);
   DispatchSendPart<kFp8>(c, a, g, failed, pre, s_hist);
   EndSend(c, kOpD, g);
@@ -766,13 +803,12 @@ template <bool kFp8>
 __global__ void __launch_bounds__(kThreads, 1) LLDispatchRecvKernel(CommArgs c, LLDispatchRecvArgs a) {
   __shared__ int s_mem[kRecvSharedInts];
   LL_STAMP(0);
+  const TicketWords ticket = ReadTicket(c, kOpD, a.ticket);
   const SendPrefetch pre = PrefetchSend<kFp8>(OwnInputs(a), blockIdx.x);  // the own tokens
   const unsigned failed = FailedBits(a.failed, c.num_ranks, c.rank);
-  uint64_t g;
-  int parity;
-  ReadTicket(c, kOpD, kOpLLDispatch, a.ticket, &g, &parity);
-  DispatchRecvPart<kFp8>(c, a, g, parity, failed, pre, s_mem);
-  EndRecv<false>(c, kOpD, g, failed);
+  OpenRecv(c, kOpD, kOpLLDispatch, ticket, failed);
+  DispatchRecvPart<kFp8>(c, a, ticket.g, ticket.parity, failed, pre, s_mem);
+  EndRecv<false>(c, kOpD, ticket.g, failed);
   LL_STAMP_END(10);
 }
 
@@ -785,7 +821,8 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(CommArgs c, LLDi
   LL_STAMP(0);
   const SendPrefetch pre = PrefetchSend<kFp8>(s, blockIdx.x);  // also the receive's own tokens
   const unsigned failed = FailedBits(s.failed, c.num_ranks, c.rank);
-  const uint64_t g = OpenDispatchSend(c, s, failed);
+  const uint64_t g =
+      OpenSend<true>(c, kOpD, kOpLLDispatch, failed, ReadSendWords(c, kOpD), s.ticket);
   LL_STAMP(1);
   DispatchSendPart<kFp8>(c, s, g, failed, pre, s_mem);
   __syncthreads();  // s_mem changes role
@@ -801,34 +838,74 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(CommArgs c, LLDi
 // receive computes it from y (the same float32 sum, rounded to bfloat16 as staging would round
 // it), so a rank's own tokens cost one read of y and one write of out (at EP1, all the work).
 
-// A combine chunk is kLLChunk = 256 channels: 8 per lane, one 16-byte piece of each row.
-static_assert(kLLChunk == 32 * 8, "a combine chunk is one 16-byte piece per lane");
-using Pack8 = Pack<__nv_bfloat16, 8>;
+// A combine chunk is kLLChunk = 512 channels: per lane kLLPieces = 2 16-byte pieces of each row,
+// 256 channels apart (each piece a coalesced 512-byte warp access). Two pieces per task halve the
+// tasks: at T = 128, H = 7168 the 1792 receive tasks fit the grid's warps in one round, so a
+// warp's rows are all in flight at once (one round trip for the rows, not two).
+constexpr int kLLPiece = 32 * 8;
+constexpr int kLLPieces = kLLChunk / kLLPiece;
+static_assert(kLLChunk % kLLPiece == 0, "a combine chunk is whole 16-byte pieces per lane");
+using ChunkAcc = float[kLLPieces][8];  // a lane's channels of a chunk, in float32
+using ChunkBf16 = int4[kLLPieces];      // the same rounded to bfloat16, packed (half the registers)
 
-// acc += sum over the set bits i of `from`, in increasing order, of weight_of(i) * row_of(i)[e,
-// e + 8) in float32 (e < hidden: lane active); up to kBatch rows' loads in flight before any is
-// added. row_of / weight_of may shuffle: the loop is warp-uniform.
+// acc += sum over the set bits b < kBatch of `bits` of weight_of(base + b) * row_of(base + b) at
+// the lane's channels e + u * kLLPiece (those < hidden), in float32, in increasing b; every load
+// in flight before any row is added. row_of / weight_of may shuffle: warp-uniform.
 template <int kBatch, typename RowOf, typename WeightOf>
+__device__ __forceinline__ void SumBatch(unsigned bits, int base, RowOf row_of, WeightOf weight_of,
+                                         int e, int hidden, ChunkAcc& acc) {
+  int4 p[kBatch][kLLPieces];  // raw: a Pack of 8 bfloat16 would take 8 registers, not 4
+#pragma unroll
+  for (int b = 0; b < kBatch; ++b) {
+    const __nv_bfloat16* row = row_of(base + b);
+#pragma unroll
+    for (int u = 0; u < kLLPieces; ++u) {
+      if (((bits >> b) & 1) && e + u * kLLPiece < hidden) {
+        p[b][u] = __ldcg(reinterpret_cast<const int4*>(row + e + u * kLLPiece));
+      }
+    }
+  }
+#pragma unroll
+  for (int b = 0; b < kBatch; ++b) {
+    const float w = weight_of(base + b);
+#pragma unroll
+    for (int u = 0; u < kLLPieces; ++u) {
+      if (!((bits >> b) & 1) || e + u * kLLPiece >= hidden) continue;
+      float f[8];
+      Unpack8(p[b][u], f);
+#pragma unroll
+      for (int v = 0; v < 8; ++v) acc[u][v] = __fadd_rn(acc[u][v], __fmul_rn(w, f[v]));
+    }
+  }
+}
+
+// The same over every set bit i of `from` (i < 32), in increasing order: the first kFirst
+// positions in one batch, any beyond one row at a time (batches in a loop made the compiler
+// spill: it needs far more registers than one straight-line batch).
+template <int kFirst, typename RowOf, typename WeightOf>
 __device__ __forceinline__ void SumLaneRows(unsigned from, RowOf row_of, WeightOf weight_of,
-                                            bool active, int e, float (&acc)[8]) {
-  while (from) {
-    Pack8 p[kBatch];
-    float w[kBatch];
-    int n = 0;
+                                            int e, int hidden, ChunkAcc& acc) {
+  SumBatch<kFirst>(from, 0, row_of, weight_of, e, hidden, acc);
+#pragma unroll 1
+  for (unsigned rest = from & ~((1u << kFirst) - 1); rest != 0; rest &= rest - 1) {
+    SumBatch<1>(1u, __ffs(rest) - 1, row_of, weight_of, e, hidden, acc);
+  }
+}
+
+__device__ __forceinline__ void ZeroChunk(ChunkAcc& acc) {
 #pragma unroll
-    for (int b = 0; b < kBatch; ++b) {
-      if (from == 0) break;
-      const int i = __ffs(from) - 1;
-      from &= from - 1;
-      const __nv_bfloat16* row = row_of(i);
-      w[b] = weight_of(i);
-      if (active) p[b] = LoadStagedPack<__nv_bfloat16, 8>(row + e);
-      n = b + 1;
-    }
+  for (int u = 0; u < kLLPieces; ++u) {
 #pragma unroll
-    for (int b = 0; b < kBatch; ++b) {
-      if (b < n && active) Accumulate<__nv_bfloat16, 8>(acc, w[b], p[b]);
-    }
+    for (int v = 0; v < 8; ++v) acc[u][v] = 0.f;
+  }
+}
+
+// Stores the lane's channels of a chunk at row + e (+ u * kLLPiece), as bfloat16.
+__device__ __forceinline__ void StoreChunk(__nv_bfloat16* row, int e, int hidden,
+                                           const ChunkAcc& acc) {
+#pragma unroll
+  for (int u = 0; u < kLLPieces; ++u) {
+    if (e + u * kLLPiece < hidden) StoreF32<__nv_bfloat16, 8>(row + e + u * kLLPiece, acc[u]);
   }
 }
 
@@ -851,16 +928,15 @@ __device__ __forceinline__ CombineMeta LoadCombineMeta(const int32_t* slot_rows,
   return m;
 }
 
-// The lane's 8 channels at e of a token's partial here: sum over its rows (top-k order) of
-// weight * y row, in float32.
+// The lane's channels of the chunk at e of a token's partial here: sum over its rows (top-k
+// order) of weight * y row, in float32.
 __device__ __forceinline__ void SumTokenRows(const __nv_bfloat16* y, int hidden,
-                                             const CombineMeta& m, int e, float (&acc)[8]) {
-#pragma unroll
-  for (int u = 0; u < 8; ++u) acc[u] = 0.f;
-  SumLaneRows<8>(
+                                             const CombineMeta& m, int e, ChunkAcc& acc) {
+  ZeroChunk(acc);
+  SumLaneRows<8>(  // top-k <= 8: every row in flight at once
       __ballot_sync(kFull, m.row >= 0),
       [&](int k) { return y + size_t(__shfl_sync(kFull, m.row, k)) * hidden; },
-      [&](int k) { return __shfl_sync(kFull, m.weight, k); }, e < hidden, e, acc);
+      [&](int k) { return __shfl_sync(kFull, m.weight, k); }, e, hidden, acc);
 }
 
 __device__ __forceinline__ int ChunkChannel(int q, int hidden) {  // the lane's e in task q's chunk
@@ -896,7 +972,7 @@ __device__ __forceinline__ CombineMeta SendTaskMeta(const CommArgs& c, const LLC
 }
 
 // Warp tasks on the experts' rank: the token's partial as bfloat16 into the source's staging,
-// then the chunk's flag. `meta`: the warp's first task's (loaded before BeginSend made the block
+// then the chunk's flag. `meta`: the warp's first task's (loaded before OpenSend made the block
 // wait until the parity is free). (Reading y is the cost: T=128, H=7168 reads 14.7 MB.)
 __device__ void CombineSendPart(const CommArgs& c, const LLCombineSendArgs& a, uint64_t g,
                                 unsigned failed, CombineMeta meta) {
@@ -912,11 +988,11 @@ __device__ void CombineSendPart(const CommArgs& c, const LLCombineSendArgs& a, u
     const int chunk = q % num_chunks, e = chunk * kLLChunk + lane * 8;
     if ((failed >> s) & 1) continue;
     if (__ballot_sync(kFull, m.row != -1) == 0) continue;  // token t of s did not come here
-    float acc[8];
+    ChunkAcc acc;
     SumTokenRows(y, hidden, m, e, acc);
     if (q == gwarp) LL_STAMP(5);
     uint8_t* dst = Slot(c, s, c.rank, CombineSlot(int(g & 1), a.max_tokens, t));
-    if (e < hidden) StoreF32<__nv_bfloat16, 8>(reinterpret_cast<__nv_bfloat16*>(dst) + e, acc);
+    StoreChunk(reinterpret_cast<__nv_bfloat16*>(dst), e, hidden, acc);
     __syncwarp();  // the lanes' stores precede lane 0's release (cumulativity)
     if (lane == 0) StoreRelease(reinterpret_cast<uint64_t*>(dst + flags_at) + chunk, g);
     if (q == gwarp) LL_STAMP(6);
@@ -925,10 +1001,11 @@ __device__ void CombineSendPart(const CommArgs& c, const LLCombineSendArgs& a, u
 
 // ------------------------------------------------------------------ combine receive
 
-// Warp tasks (token, chunk) on the source. What a task needs: the token's token_sent and, lane
-// k < K, its entries here (for the partial of this rank).
+// Warp tasks (token, chunk) on the source. What a task needs: the token's token_sent, (chunk 0,
+// lane 0) its token_dests for num_missing and, lane k < K, its entries here (for the partial of
+// this rank); all loaded at once.
 struct CombineRecvMeta {
-  int sent;
+  int sent, dests;
   CombineMeta local;
 };
 
@@ -937,7 +1014,8 @@ __device__ __forceinline__ CombineRecvMeta RecvTaskMeta(const CommArgs& c,
   const int num_chunks = NumChunks(a.hidden);
   const bool valid = q < a.num_tokens * num_chunks;
   const int t = valid ? q / num_chunks : 0;
-  return {valid ? __ldg(a.token_sent + t) : 0,
+  const bool counts = valid && q % num_chunks == 0 && threadIdx.x % 32 == 0;
+  return {valid ? __ldg(a.token_sent + t) : 0, counts ? __ldg(a.token_dests + t) : 0,
           LoadCombineMeta(a.slot_rows, a.slot_weights, a.num_topk,
                           size_t(c.rank) * a.num_tokens + t, valid)};
 }
@@ -945,69 +1023,87 @@ __device__ __forceinline__ CombineRecvMeta RecvTaskMeta(const CommArgs& c,
 // This rank's partial of a task, rounded to bfloat16 as staging would round it (zeros where the
 // token has no row here).
 __device__ __forceinline__ void LocalPartial(const LLCombineRecvArgs& a, const CombineRecvMeta& m,
-                                             int q, float (&local)[8]) {
-  const int e = ChunkChannel(q, a.hidden);
-  SumTokenRows(reinterpret_cast<const __nv_bfloat16*>(a.y), a.hidden, m.local, e, local);
+                                             int q, ChunkBf16& local) {
+  ChunkAcc acc;
+  SumTokenRows(reinterpret_cast<const __nv_bfloat16*>(a.y), a.hidden, m.local,
+               ChunkChannel(q, a.hidden), acc);
 #pragma unroll
-  for (int u = 0; u < 8; ++u) local[u] = __bfloat162float(__float2bfloat16_rn(local[u]));
+  for (int u = 0; u < kLLPieces; ++u) {
+    __nv_bfloat162 h[4];
+#pragma unroll
+    for (int v = 0; v < 4; ++v) h[v] = __floats2bfloat162_rn(acc[u][2 * v], acc[u][2 * v + 1]);
+    memcpy(&local[u], h, 16);
+  }
 }
 
-// The partials of the token's live ranks summed in rank order (float32): this rank's from y, the
-// others' from the staging as they land. `meta` / `first_local`: the warp's first task's,
-// computed by the caller before its waits.
-__device__ void CombineRecvPart(const CommArgs& c, const LLCombineRecvArgs& a, uint64_t g,
-                                int parity, unsigned failed, CombineRecvMeta meta,
-                                const float (&first_local)[8]) {
+// Receive task q, given its metadata and this rank's partial: the partials of the token's live
+// ranks summed in rank order (float32), this rank's from y, the others' from the staging once
+// their chunk flags carry g; out and (chunk 0) num_missing stored. kSolo: EP1 (no staging; the
+// kernels are compiled apart so that its registers are not sized for the staged sums).
+template <bool kSolo>
+__device__ __forceinline__ void FinishRecvTask(const CommArgs& c, const LLCombineRecvArgs& a,
+                                               uint64_t g, int parity, unsigned failed, int q,
+                                               const CombineRecvMeta& m, const ChunkBf16& local) {
   const int lane = threadIdx.x % 32, me = c.rank, hidden = a.hidden;
-  const int num_chunks = NumChunks(hidden), num_tasks = a.num_tokens * num_chunks;
-  const size_t flags_at = Align16(size_t(hidden) * 2);
+  const int num_chunks = NumChunks(hidden);
+  const int t = q / num_chunks, chunk = q % num_chunks, e = chunk * kLLChunk + lane * 8;
+  const unsigned use = unsigned(m.sent) & ~failed, remote = use & ~(1u << me);
+  const int slot = CombineSlot(parity, a.max_tokens, t);
+  if (!kSolo && lane < c.num_ranks && ((remote >> lane) & 1)) {
+    const size_t flags_at = Align16(size_t(hidden) * 2);
+    WaitAtLeast(reinterpret_cast<const uint64_t*>(Slot(c, me, lane, slot) + flags_at) + chunk, g,
+                c, kOpLLCombine, kPhaseSent, lane);
+  }
+  __syncwarp();
+  ChunkAcc acc;
+  ZeroChunk(acc);
+  auto add_staged = [&](unsigned from) {
+    if (kSolo || from == 0) return;
+    SumLaneRows<8>(
+        from, [&](int d) { return reinterpret_cast<const __nv_bfloat16*>(Slot(c, me, d, slot)); },
+        [](int) { return 1.f; }, e, hidden, acc);
+  };
+  const unsigned below = remote & ((1u << me) - 1);
+  add_staged(below);
+  if ((use >> me) & 1) {
+#pragma unroll
+    for (int u = 0; u < kLLPieces; ++u) {
+      float f[8];
+      Unpack8(local[u], f);
+#pragma unroll
+      for (int v = 0; v < 8; ++v) acc[u][v] = __fadd_rn(acc[u][v], f[v]);
+    }
+  }
+  add_staged(remote & ~below);
+  StoreChunk(reinterpret_cast<__nv_bfloat16*>(a.out) + size_t(t) * hidden, e, hidden, acc);
+  if (chunk == 0 && lane == 0) a.num_missing[t] = __popc(unsigned(m.dests) & ~use);
+}
+
+// The warp's receive tasks. `meta` / `first_local`: its first task's, computed by the caller
+// before its waits (the first task is peeled: its partial is not live in the loop).
+template <bool kSolo>
+__device__ void CombineRecvPart(const CommArgs& c, const LLCombineRecvArgs& a, uint64_t g,
+                                int parity, unsigned failed, const CombineRecvMeta& meta,
+                                const ChunkBf16& first_local) {
+  const int num_tasks = a.num_tokens * NumChunks(a.hidden);
   const int gwarp = FirstWarpTask(), num_gwarps = gridDim.x * kWarps;
-  for (int q = gwarp; q < num_tasks; q += num_gwarps) {
-    const int t = q / num_chunks, chunk = q % num_chunks, e = chunk * kLLChunk + lane * 8;
-    const CombineRecvMeta m = meta;
-    meta = RecvTaskMeta(c, a, q + num_gwarps);  // in flight meanwhile
-    float local[8];
-    if (q == gwarp) {
-#pragma unroll
-      for (int u = 0; u < 8; ++u) local[u] = first_local[u];
-    } else {
-      LocalPartial(a, m, q, local);
-    }
-    const unsigned use = unsigned(m.sent) & ~failed, remote = use & ~(1u << me);
-    const int slot = CombineSlot(parity, a.max_tokens, t);
-    if (lane < c.num_ranks && ((remote >> lane) & 1)) {
-      WaitAtLeast(reinterpret_cast<const uint64_t*>(Slot(c, me, lane, slot) + flags_at) + chunk,
-                  g, c, kOpLLCombine, kPhaseSent, lane);
-    }
-    __syncwarp();
-    if (q == gwarp) LL_STAMP(7);
-    float acc[8];
-#pragma unroll
-    for (int u = 0; u < 8; ++u) acc[u] = 0.f;
-    auto add_staged = [&](unsigned from) {
-      SumLaneRows<8>(
-          from, [&](int d) { return reinterpret_cast<const __nv_bfloat16*>(Slot(c, me, d, slot)); },
-          [](int) { return 1.f; }, e < hidden, e, acc);
-    };
-    const unsigned below = remote & ((1u << me) - 1);
-    add_staged(below);
-    if ((use >> me) & 1) {
-#pragma unroll
-      for (int u = 0; u < 8; ++u) acc[u] = __fadd_rn(acc[u], local[u]);
-    }
-    add_staged(remote & ~below);
-    if (e < hidden) {
-      StoreF32<__nv_bfloat16, 8>(reinterpret_cast<__nv_bfloat16*>(a.out) + size_t(t) * hidden + e,
-                                 acc);
-    }
-    if (chunk == 0 && lane == 0) a.num_missing[t] = __popc(unsigned(a.token_dests[t]) & ~use);
+  if (gwarp >= num_tasks) return;
+  CombineRecvMeta next = RecvTaskMeta(c, a, gwarp + num_gwarps);  // in flight meanwhile
+  FinishRecvTask<kSolo>(c, a, g, parity, failed, gwarp, meta, first_local);
+  LL_STAMP(7);
+  for (int q = gwarp + num_gwarps; q < num_tasks; q += num_gwarps) {
+    const CombineRecvMeta m = next;
+    next = RecvTaskMeta(c, a, q + num_gwarps);
+    ChunkBf16 local;
+    LocalPartial(a, m, q, local);
+    FinishRecvTask<kSolo>(c, a, g, parity, failed, q, m, local);
   }
 }
 
 // The first receive task of the warp: its metadata and this rank's partial (before any wait).
 struct FirstRecvTask {
   CombineRecvMeta meta;
-  float local[8];
+  ChunkBf16 local;
 };
 __device__ __forceinline__ FirstRecvTask BeginRecvTask(const CommArgs& c,
                                                        const LLCombineRecvArgs& a) {
@@ -1022,8 +1118,8 @@ __global__ void __launch_bounds__(kThreads, 1) LLCombineSendKernel(CommArgs c, L
   LL_STAMP(0);
   const CombineMeta meta = SendTaskMeta(c, a, FirstWarpTask());
   const unsigned failed = FailedBits(a.failed, c.num_ranks, c.rank);
-  const uint64_t g = BeginSend(c, kOpC, kOpLLCombine, failed);
-  if (blockIdx.x == 0 && threadIdx.x == 0) a.ticket[0] = int32_t(g), a.ticket[1] = int(g & 1);
+  const uint64_t g =
+      OpenSend<false>(c, kOpC, kOpLLCombine, failed, ReadSendWords(c, kOpC), a.ticket);
   LL_STAMP(1);
   CombineSendPart(c, a, g, failed, meta);
   LL_STAMP(2);
@@ -1031,34 +1127,43 @@ __global__ void __launch_bounds__(kThreads, 1) LLCombineSendKernel(CommArgs c, L
   LL_STAMP_END(4);
 }
 
+template <bool kSolo>
 __global__ void __launch_bounds__(kThreads, 1) LLCombineRecvKernel(CommArgs c, LLCombineRecvArgs a) {
   LL_STAMP(0);
+  const TicketWords ticket = ReadTicket(c, kOpC, a.ticket);
   const FirstRecvTask first = BeginRecvTask(c, a);  // y is ready: no wait needed
   const unsigned failed = FailedBits(a.failed, c.num_ranks, c.rank);
-  uint64_t g;
-  int parity;
-  ReadTicket(c, kOpC, kOpLLCombine, a.ticket, &g, &parity);
+  OpenRecv(c, kOpC, kOpLLCombine, ticket, failed);
   LL_STAMP(1);
-  CombineRecvPart(c, a, g, parity, failed, first.meta, first.local);
+  CombineRecvPart<kSolo>(c, a, ticket.g, ticket.parity, failed, first.meta, first.local);
   LL_STAMP(3);
-  EndRecv<false>(c, kOpC, g, failed);
+  EndRecv<false>(c, kOpC, ticket.g, failed);
   LL_STAMP_END(4);
 }
 
+template <bool kSolo>
 __global__ void __launch_bounds__(kThreads, 1) LLCombineKernel(CommArgs c, LLCombineSendArgs s,
                                                                LLCombineRecvArgs r) {
   LL_STAMP(0);
-  const CombineMeta meta = SendTaskMeta(c, s, FirstWarpTask());
-  const SendWords words = ReadSendWords(c, kOpC);  // in flight with the first partial's loads
-  const FirstRecvTask first = BeginRecvTask(c, r);
   const unsigned failed = FailedBits(s.failed, c.num_ranks, c.rank);
-  // EP1: nothing is staged, so the block need not wait for warp 0's checks (it alone uses g).
-  const uint64_t g = FinishBeginSend(c, kOpC, kOpLLCombine, failed, words, c.num_ranks > 1);
-  if (blockIdx.x == 0 && threadIdx.x == 0) s.ticket[0] = int32_t(g), s.ticket[1] = int(g & 1);
+  if constexpr (kSolo) {  // nothing to send: the own partials at once
+    const SendWords words = ReadSendWords(c, kOpC);  // in flight with the first partial's loads
+    const FirstRecvTask first = BeginRecvTask(c, r);
+    const uint64_t g = OpenSend<true>(c, kOpC, kOpLLCombine, failed, words, s.ticket);
+    LL_STAMP(1);
+    CombineRecvPart<true>(c, r, g, int(g & 1), failed, first.meta, first.local);
+    LL_STAMP_END(4);
+    return;
+  }
+  const CombineMeta meta = SendTaskMeta(c, s, FirstWarpTask());
+  const uint64_t g =
+      OpenSend<true>(c, kOpC, kOpLLCombine, failed, ReadSendWords(c, kOpC), s.ticket);
   LL_STAMP(1);
   CombineSendPart(c, s, g, failed, meta);
   LL_STAMP(2);
-  CombineRecvPart(c, r, g, int(g & 1), failed, first.meta, first.local);
+  // After the sends (its partial is not live across them), in flight with the peers' partials.
+  const FirstRecvTask first = BeginRecvTask(c, r);
+  CombineRecvPart<false>(c, r, g, int(g & 1), failed, first.meta, first.local);
   LL_STAMP(3);
   EndRecv<true>(c, kOpC, g, failed);
   LL_STAMP_END(4);
@@ -1097,26 +1202,30 @@ cudaError_t LaunchLLDispatch(const CommArgs& c, const LLDispatchSendArgs& send,
 }
 
 // Warps of a combine send: one per (other rank, token, chunk); a receive: per (token, chunk).
+// Spread over as many blocks (SMs) as allowed, not packed 16 to a block: the warps of an SM share
+// its load bandwidth, and the rows are the cost.
 int CombineWarps(int num_ranks, int num_tokens, int hidden) {
   return num_ranks * num_tokens * ((hidden + kLLChunk - 1) / kLLChunk);
 }
 
 cudaError_t LaunchLLCombineSend(const CommArgs& c, const LLCombineSendArgs& a, cudaStream_t s) {
   const int warps = CombineWarps(c.num_ranks - 1, a.num_tokens, a.hidden);
-  LLCombineSendKernel<<<Grid(c, (warps + kWarps - 1) / kWarps), kThreads, 0, s>>>(c, a);
+  LLCombineSendKernel<<<Grid(c, warps), kThreads, 0, s>>>(c, a);
   return cudaGetLastError();
 }
 
 cudaError_t LaunchLLCombineRecv(const CommArgs& c, const LLCombineRecvArgs& a, cudaStream_t s) {
   const int warps = CombineWarps(1, a.num_tokens, a.hidden);
-  LLCombineRecvKernel<<<Grid(c, (warps + kWarps - 1) / kWarps), kThreads, 0, s>>>(c, a);
+  auto kernel = Solo(c) ? LLCombineRecvKernel<true> : LLCombineRecvKernel<false>;
+  kernel<<<Grid(c, warps), kThreads, 0, s>>>(c, a);
   return cudaGetLastError();
 }
 
 cudaError_t LaunchLLCombine(const CommArgs& c, const LLCombineSendArgs& send,
                             const LLCombineRecvArgs& recv, cudaStream_t s) {
   const int warps = CombineWarps(max(c.num_ranks - 1, 1), send.num_tokens, send.hidden);
-  LLCombineKernel<<<Grid(c, (warps + kWarps - 1) / kWarps), kThreads, 0, s>>>(c, send, recv);
+  auto kernel = Solo(c) ? LLCombineKernel<true> : LLCombineKernel<false>;
+  kernel<<<Grid(c, warps), kThreads, 0, s>>>(c, send, recv);
   return cudaGetLastError();
 }
 
@@ -1126,7 +1235,8 @@ cudaError_t PreloadLowLatencyKernels() {
   Touch(err, LLDispatchKernel<true>), Touch(err, LLDispatchKernel<false>);
   Touch(err, LLDispatchRecvKernel<true>), Touch(err, LLDispatchRecvKernel<false>);
   Touch(err, LLCombineSendKernel);
-  Touch(err, LLCombineRecvKernel), Touch(err, LLCombineKernel);
+  Touch(err, LLCombineRecvKernel<true>), Touch(err, LLCombineRecvKernel<false>);
+  Touch(err, LLCombineKernel<true>), Touch(err, LLCombineKernel<false>);
   return err;
 }
 

@@ -31,7 +31,7 @@
 
 namespace jax_ep {
 
-constexpr int kLLChunk = 256;  // channels per combine chunk: 8 per lane (jax_ep/buffer.py LL_CHUNK)
+constexpr int kLLChunk = 512;  // channels per combine chunk: 16 per lane (jax_ep/buffer.py LL_CHUNK)
 
 struct LLDispatchSendArgs {
   const uint16_t* x;           // [T, H] bfloat16 bits
