@@ -70,7 +70,8 @@ for stage in "${stages[@]}"; do
       run_stage sanitizer 600 bash -c 'nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
         -Ixla_ffi -lineinfo benchmarks/ll_phases.cu -o /tmp/ll_phases && for t in memcheck \
         racecheck synccheck; do compute-sanitizer --tool $t --error-exitcode 1 \
-        /tmp/ll_phases --iters 2 || exit 1; done' ;;
+        /tmp/ll_phases --iters 2 && compute-sanitizer --tool $t --error-exitcode 1 \
+        /tmp/ll_phases --ranks 4 --tokens 64 --iters 1 || exit 1; done' ;;
     *)
       echo "unknown stage $stage" | tee -a "$summary" ;;
   esac

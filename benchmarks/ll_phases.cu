@@ -6,6 +6,8 @@
 //        benchmarks/ll_phases.cu -o ll_phases
 //   ./ll_phases [--ranks 1] [--tokens 128] [--hidden 7168] [--topk 8] [--experts 288]
 //               [--bf16] [--iters 500] [--blocks N]
+// Checks first (and again after the timed calls) that every rank's combine output, fused and
+// send + receive, equals a host model bit for bit (exit 1 otherwise).
 // Prints: per-call time (CUDA events over --iters back-to-back calls, launched one by one and
 // as one CUDA graph) of fused dispatch, send + receive dispatch, fused combine, send + receive
 // combine and an empty kernel of the same grid; with the trace, per point: nanoseconds since the block's start (min / median / max over
