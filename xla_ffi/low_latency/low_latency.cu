@@ -229,6 +229,9 @@ __device__ __forceinline__ bool ChecksTicket(const CommArgs& c) {
 }
 
 __device__ __forceinline__ TicketWords ReadTicket(const CommArgs& c, int op, const int32_t* ticket) {
+  // EP1: only the checker needs (g, parity) (nothing staged), and the ticket's line is spared
+  // a load from every warp of the grid right behind the send's store to it.
+  if (Solo(c) && !ChecksTicket(c)) return TicketWords{0, 0, 0, 0};
   TicketWords w{uint64_t(uint32_t(__ldg(ticket))), 0, 0, __ldg(ticket + 1)};
   if (ChecksTicket(c)) {
     w.busy0 = *reinterpret_cast<volatile uint64_t*>(Inflight(c.peer_ws[c.rank], op, 0));
@@ -243,6 +246,27 @@ __device__ inline void OpenRecv(const CommArgs& c, int op, int op_code, const Ti
   const uint64_t inflight = w.parity == int(w.g & 1) ? (w.parity ? w.busy1 : w.busy0) : 0;
   if (w.g == 0 || inflight != w.g) ReportAndTrap(c, op_code, kPhaseNoSend, c.rank, w.g);
   if (Solo(c)) RetireRecv<false>(c, op, w.g, failed);
+}
+
+// The send of either op at EP1, one thread: nothing is staged and no peer waits, so a send only
+// takes the generation (g = Gen + 1, misuse if parity g & 1 is still in flight) and puts it in
+// flight. One round trip of loads, then the stores; no barrier. (The Consumed wait of the
+// general send is implied here: at EP1 the receive that frees a parity clears its Inflight word.)
+__global__ void __launch_bounds__(32, 1) LLSoloSendKernel(CommArgs c, int op, int op_code,
+                                                          int32_t* ticket) {
+  if (threadIdx.x != 0) return;
+  LL_STAMP(0);
+  uint8_t* ws = c.peer_ws[c.rank];
+  const uint64_t last = *reinterpret_cast<volatile uint64_t*>(Gen(ws, op));
+  const uint64_t busy0 = *reinterpret_cast<volatile uint64_t*>(Inflight(ws, op, 0));
+  const uint64_t busy1 = *reinterpret_cast<volatile uint64_t*>(Inflight(ws, op, 1));
+  const uint64_t g = last + 1;
+  const int parity = int(g & 1);
+  if ((parity ? busy1 : busy0) != 0) ReportAndTrap(c, op_code, kPhaseBusy, c.rank, parity ? busy1 : busy0);
+  *reinterpret_cast<int2*>(ticket) = make_int2(int32_t(g), parity);
+  *reinterpret_cast<volatile uint64_t*>(Gen(ws, op)) = g;
+  *reinterpret_cast<volatile uint64_t*>(Inflight(ws, op, parity)) = g;
+  LL_STAMP_END(1);
 }
 
 // ------------------------------------------------------------------ dispatch send
@@ -1182,9 +1206,12 @@ size_t LLCombineSlotBytes(int hidden) {
 }
 
 cudaError_t LaunchLLDispatchSend(const CommArgs& c, const LLDispatchSendArgs& a, cudaStream_t s) {
+  if (Solo(c)) {
+    LLSoloSendKernel<<<1, 32, 0, s>>>(c, kOpD, kOpLLDispatch, a.ticket);
+    return cudaGetLastError();
+  }
   auto kernel = a.use_fp8 ? LLDispatchSendKernel<true> : LLDispatchSendKernel<false>;
-  // EP1: only the tokens' destinations (a thread each), one block.
-  kernel<<<c.num_ranks == 1 ? 1 : Grid(c, a.num_tokens), kThreads, 0, s>>>(c, a);
+  kernel<<<Grid(c, a.num_tokens), kThreads, 0, s>>>(c, a);
   return cudaGetLastError();
 }
 
@@ -1209,6 +1236,10 @@ int CombineWarps(int num_ranks, int num_tokens, int hidden) {
 }
 
 cudaError_t LaunchLLCombineSend(const CommArgs& c, const LLCombineSendArgs& a, cudaStream_t s) {
+  if (Solo(c)) {
+    LLSoloSendKernel<<<1, 32, 0, s>>>(c, kOpC, kOpLLCombine, a.ticket);
+    return cudaGetLastError();
+  }
   const int warps = CombineWarps(c.num_ranks - 1, a.num_tokens, a.hidden);
   LLCombineSendKernel<<<Grid(c, warps), kThreads, 0, s>>>(c, a);
   return cudaGetLastError();
@@ -1234,7 +1265,7 @@ cudaError_t PreloadLowLatencyKernels() {
   Touch(err, LLDispatchSendKernel<true>), Touch(err, LLDispatchSendKernel<false>);
   Touch(err, LLDispatchKernel<true>), Touch(err, LLDispatchKernel<false>);
   Touch(err, LLDispatchRecvKernel<true>), Touch(err, LLDispatchRecvKernel<false>);
-  Touch(err, LLCombineSendKernel);
+  Touch(err, LLCombineSendKernel), Touch(err, LLSoloSendKernel);
   Touch(err, LLCombineRecvKernel<true>), Touch(err, LLCombineRecvKernel<false>);
   Touch(err, LLCombineKernel<true>), Touch(err, LLCombineKernel<false>);
   return err;
