@@ -324,7 +324,8 @@ def main(argv=None) -> dict:
         summary["check"] = check
         verdict = ("OK" if check["equal"] == check["total"] else
                    "MISMATCH" if dtype == "float32" else
-                   "differs by bfloat16 rounding of near-tied logits (--dtype float32 checks exactly)")
+                   "differs by bfloat16 rounding of near-tied logits "
+                   "(--dtype float32 checks exactly)")
         print(f"KV cache check: {check['equal']}/{check['total']} greedy tokens equal to "
               f"recomputing the full sequence without cache (max |logit diff| "
               f"{check['max_logit_diff']:.2e}): {verdict}")

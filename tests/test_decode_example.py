@@ -30,9 +30,9 @@ def test_decode_saved_model_kv_cache_matches_recompute(decode_example, tmp_path,
     """train_moe.save_params -> decode_moe.main(--params): 3 prompts of different lengths (left
     padded; 3 tokens per step on 8 ranks: decode pads), 2 layers (one cache each), FP8
     dispatch, float32 compute (GPUs default to bfloat16; float32 matmuls then run at full
-    precision, not TF32). Its check recomputes the whole sequence without cache: the greedy tokens must be
-    equal, the logits equal to float32 rounding (~1e-6) except where such a difference flips
-    one FP8 rounding of an MoE input (~1e-4 on logits of ~1)."""
+    precision, not TF32). Its check recomputes the whole sequence without cache: the greedy
+    tokens must be equal, the logits equal to float32 rounding (~1e-6) except where such a
+    difference flips one FP8 rounding of an MoE input (~1e-4 on logits of ~1)."""
     tm = decode_example.tm
     n = len(jax.devices())
     if 8 % n:

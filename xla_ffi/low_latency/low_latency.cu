@@ -262,7 +262,8 @@ __global__ void __launch_bounds__(32, 1) LLSoloSendKernel(CommArgs c, int op, in
   const uint64_t busy1 = *reinterpret_cast<volatile uint64_t*>(Inflight(ws, op, 1));
   const uint64_t g = last + 1;
   const int parity = int(g & 1);
-  if ((parity ? busy1 : busy0) != 0) ReportAndTrap(c, op_code, kPhaseBusy, c.rank, parity ? busy1 : busy0);
+  const uint64_t busy = parity ? busy1 : busy0;
+  if (busy != 0) ReportAndTrap(c, op_code, kPhaseBusy, c.rank, busy);
   *reinterpret_cast<int2*>(ticket) = make_int2(int32_t(g), parity);
   *reinterpret_cast<volatile uint64_t*>(Gen(ws, op)) = g;
   *reinterpret_cast<volatile uint64_t*>(Inflight(ws, op, parity)) = g;
