@@ -377,8 +377,7 @@ int main(int argc, char** argv) {
   CHECK(cudaDeviceSynchronize());
   const int L = o.experts / o.ranks;
   for (int r = 0; r < o.ranks; ++r) {
-    std::vector<int> count(L);
-    CHECK(cudaMemcpy(count.data(), ranks[r].drecv.recv_count, L * 4, cudaMemcpyDeviceToHost));
+    const std::vector<int32_t> count = Fetch(ranks[r].drecv.recv_count, size_t(L));
     long long got = 0, want = 0;
     for (int v : count) got += v;
     for (const Rank& k : ranks) {

@@ -159,12 +159,16 @@ __device__ inline uint64_t FinishBeginSend(const CommArgs& c, int op, int op_cod
   return s_gen;
 }
 
+// A send's last act: generation g of `op` is the last taken, and in flight on its parity.
+__device__ __forceinline__ void PutInFlight(uint8_t* ws, int op, uint64_t g) {
+  *reinterpret_cast<volatile uint64_t*>(Gen(ws, op)) = g;
+  *reinterpret_cast<volatile uint64_t*>(Inflight(ws, op, int(g & 1))) = g;
+}
+
 // Last block of a send: generation g is now in flight.
 __device__ inline void EndSend(const CommArgs& c, int op, uint64_t g) {
   if (LastBlock(Done(c.peer_ws[c.rank], op, kSend)) && threadIdx.x == 0) {
-    uint8_t* ws = c.peer_ws[c.rank];
-    *reinterpret_cast<volatile uint64_t*>(Gen(ws, op)) = g;
-    *reinterpret_cast<volatile uint64_t*>(Inflight(ws, op, int(g & 1))) = g;
+    PutInFlight(c.peer_ws[c.rank], op, g);
   }
 }
 
@@ -265,8 +269,7 @@ __global__ void __launch_bounds__(32, 1) LLSoloSendKernel(CommArgs c, int op, in
   const uint64_t busy = parity ? busy1 : busy0;
   if (busy != 0) ReportAndTrap(c, op_code, kPhaseBusy, c.rank, busy);
   *reinterpret_cast<int2*>(ticket) = make_int2(int32_t(g), parity);
-  *reinterpret_cast<volatile uint64_t*>(Gen(ws, op)) = g;
-  *reinterpret_cast<volatile uint64_t*>(Inflight(ws, op, parity)) = g;
+  PutInFlight(ws, op, g);
   LL_STAMP_END(1);
 }
 
@@ -506,7 +509,7 @@ __device__ void DispatchSendPart(const CommArgs& c, const LLDispatchSendArgs& a,
   const int parity = int(g & 1);
   const size_t meta_bytes = LLMetaBytes(num_topk);
   const size_t scales_at = meta_bytes + Align16(LLRowBytes(a.hidden, kFp8));
-  if (remote == 0) return;  // nothing to stage (EP1)
+  if (remote == 0) return;  // nothing to stage (every peer failed, or this rank)
   LL_STAMP_AFTER(13, pre.entry[0] ^ pre.entry[kSendPre - 1] ^ pre.own_idx);
   if (blockIdx.x == 0) SendHeader(c, a, parity, g, remote, pre, s_hist);
   LL_STAMP(2);
@@ -812,8 +815,7 @@ template <bool kFp8>
 __global__ void __launch_bounds__(kThreads, 1) LLDispatchSendKernel(CommArgs c, LLDispatchSendArgs a) {
   __shared__ int s_hist[kMaxExperts];
   LL_STAMP(0);
-  // Before the waits; at EP1 nothing is staged (the receive reads x).
-  SendPrefetch pre{};  // before the waits; at EP1 nothing is staged (the receive reads x)
+  SendPrefetch pre{};  // before the waits (an EP1 send is LLSoloSendKernel, not this one)
   if (c.num_ranks > 1) pre = PrefetchSend<kFp8>(a, blockIdx.x);
   const unsigned failed = FailedBits(a.failed, c.num_ranks, c.rank);
   const uint64_t g =
