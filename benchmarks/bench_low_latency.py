@@ -19,19 +19,23 @@ BF16 combine. Rows:
   nvlink_copy          raw peer-copy ceiling of the dispatch's remote bytes (R > 1 only)
 Modes: "stream" (XLA's default) and "graph": the same programs compiled with XLA's CUDA graphs
 (command buffers) for fusions and custom calls (--xla_gpu_enable_command_buffer=FUSION,
-CUSTOM_CALL --xla_gpu_graph_min_graph_size=1), in a child process; the table says how many of
-each row's custom calls the compiled program holds inside command buffers.
+CUSTOM_CALL --xla_gpu_graph_min_graph_size=1), in a child process; "in graph" counts the kernels
+per call that a CUDA graph launch ran (CUPTI): what proves the capture.
 
 Bytes (DeepEP's metric, per rank, averaged): the LL ops move one row per (token, expert) pair:
 dispatch H + H/128 * 4 bytes (FP8 + scales) or 2H (bf16), combine 2H; the normal kernels and
 padded_a2a one row per (token, destination rank) pair, 2H bytes. logical GB/s = received pairs
 (own rank included) * row bytes / t; remote GB/s = same over pairs from other ranks.
-Timing: n and 2n calls chained straight-line in one jitted program; call i+1's inputs pass
-through lax.optimization_barrier together with call i's outputs (an ordering, no work: every
-call waits for the previous one and none is merged or dropped); the two programs are timed
-alternately, --iters pairs after --warmup, per call = (long - short) / n: median, p10, p90.
-wall = one call per program. Every row is checked first (identity experts: combine(dispatch(x))
-against x * sum_k w_k; FP8 rows within their quantization step) and is not timed if wrong.
+Timing (GPU): kernel us = CUPTI (torch.profiler) device time of a program of the op alone, over
+--kernel-runs calls after the warm-up: per kernel name, launches per call x median duration,
+summed (DeepEP's bench_kineto metric; the figure the acceptance targets name). chain us: n and
+2n calls chained straight-line in one jitted program; call i+1's inputs pass through
+lax.optimization_barrier together with call i's outputs (an ordering, no work: every call waits
+for the previous one and none is merged or dropped); the two programs are timed alternately,
+--iters pairs after --warmup, per call = (long - short) / n: median, p10, p90 (host clocks: at a
+few us per call the spread is of the order of the figure). wall = one call per program. Every
+row is checked first (identity experts: combine(dispatch(x)) against x * sum_k w_k; FP8 rows
+within their quantization step) and is not timed if wrong.
 """
 from __future__ import annotations
 
@@ -65,6 +69,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_dispatch as bd  # noqa: E402
+import profile_ll  # noqa: E402
 
 import jax_ep  # noqa: E402
 from jax_ep import low_latency as ll  # noqa: E402
@@ -166,16 +171,15 @@ def jit_shard(fn, mesh):
     return jax.jit(jax.shard_map(g, mesh=mesh, in_specs=P(AX), out_specs=P(AX)))
 
 
-def custom_calls_in_graphs(compiled_text):
-    """(jax_ep custom calls in command-buffer computations, jax_ep custom calls in all)."""
-    inside, total, in_cb = 0, 0, False
-    for line in compiled_text.splitlines():
-        if line and not line.startswith(" "):  # a computation header (or ENTRY / })
-            in_cb = "command_buffer" in line
-        if 'custom_call_target="jax_ep_' in line:
-            total += 1
-            inside += in_cb
-    return inside, total
+def kernel_time(fn, args, runs):
+    """CUPTI device time of one call of fn(*args) (a program of one op): over `runs` calls, per
+    kernel name, launches per call x median duration, summed over the names (DeepEP's kineto
+    metric); and the launches per call, all and those a CUDA graph launch made. GPU only."""
+    per, in_graph, _, _ = profile_ll.profile_kernels(fn, args, runs)
+    return dict(kernel_us=float(sum(len(v) * np.median(v) for v in per.values()) / runs),
+                kernels=sum(len(v) for v in per.values()) / runs,
+                kernels_in_graphs=sum(in_graph.values()) / runs,
+                kernel_names=sorted(per))
 
 
 # ------------------------------------------------------------------------------ one row
@@ -218,17 +222,17 @@ def time_row(row, mesh, args, x, idx, w, res):
         wall = bd.sample_times(once, a, args.iters, args.warmup)
         short, long = (jit_shard(chain(fn, k, row.pure), mesh)
                        for k in (args.inner, 2 * args.inner))
-        text = short.lower(*a).compile().as_text()
         dev = bd.sample_slope(short, long, a, args.inner, args.iters, args.warmup)
         p10, p50, p90 = np.percentile(dev, [10, 50, 90])
-        nbytes = res["pairs"] * (row.row_bytes if op == "dispatch" else row.combine_row_bytes)
-        rbytes = res["remote_pairs"] * (row.row_bytes if op == "dispatch"
-                                        else row.combine_row_bytes)
-        inside, total = custom_calls_in_graphs(text)
-        res["ops"][op] = dict(median_us=p50, p10_us=p10, p90_us=p90,
-                              wall_median_us=float(np.median(wall)), inner=args.inner,
-                              logical_gbps=nbytes / p50 / 1e3, remote_gbps=rbytes / p50 / 1e3,
-                              calls_in_graphs=inside, calls=total, device_us=dev.tolist())
+        o = dict(median_us=p50, p10_us=p10, p90_us=p90, wall_median_us=float(np.median(wall)),
+                 inner=args.inner, device_us=dev.tolist())
+        if mesh.devices.flat[0].platform == "gpu":
+            o.update(kernel_time(once, a, args.kernel_runs))
+        t = o.get("kernel_us", p50)  # the GB/s of the kernels' time where measured
+        row_bytes = row.row_bytes if op == "dispatch" else row.combine_row_bytes
+        for key, pairs in (("logical_gbps", res["pairs"]), ("remote_gbps", res["remote_pairs"])):
+            o[key] = pairs * row_bytes / t / 1e3
+        res["ops"][op] = o
 
 
 def pair_stats(idx, R, T, E):
@@ -302,30 +306,38 @@ def markdown(report):
     lines = [f"## Low-latency dispatch/combine on {report['num_devices']} x {report['device_kind']}"
              f": T={c['tokens_per_rank']} H={c['hidden']} top-{c['topk']} of {c['experts']}, "
              f"EP{c['ranks']}", "",
-             "device us = per-call slope of programs of n and 2n chained calls (median, p10, "
-             f"p90 of {report['args']['iters']} pairs, n = {report['args']['inner']}); wall = one "
-             "call per jitted program; GB/s per the module docstring (LL rows: per (token, "
-             "expert) pair, FP8 row + scales for dispatch; others per (token, rank) pair, bf16); "
-             "graph = jax_ep custom calls inside CUDA-graph command buffers / all of them.", "",
-             "| mode | row | op | device us p50 | p10 | p90 | wall us | logical GB/s | remote GB/s "
-             "| graph | check | note |", "|" + "---|" * 12]
+             "kernel us = CUPTI device time of one call (a program of the op alone, "
+             f"{report['args']['kernel_runs']} calls: per kernel, launches per call x median "
+             "duration, summed; DeepEP's metric); kernels = kernel launches per call, in graph = "
+             "those a CUDA graph launch made; chain us = per-call slope of programs of n and 2n "
+             "chained calls (median, p10, p90 of "
+             f"{report['args']['iters']} pairs, n = {report['args']['inner']}: launch gaps "
+             "included, host-timed, noisy at a few us); wall = one call per jitted program; GB/s "
+             "from kernel us (chain us without CUPTI) per the module docstring (LL rows: per "
+             "(token, expert) pair, FP8 row + scales for dispatch; others per (token, rank) pair, "
+             "bf16).", "",
+             "| mode | row | op | kernel us | kernels | in graph | chain us p50 | p10 | p90 "
+             "| wall us | logical GB/s | remote GB/s | check | note |", "|" + "---|" * 14]
     fmt = lambda v, f="{:.1f}": "n/a" if v is None else f.format(v)  # noqa: E731
     for r in report["rows"]:
         err = r.get("check_err")
         chk = "-" if err is None else f"ok ({err:.2f})" if err <= 1 else "FAILED"
         for op, o in (r["ops"] or {"-": {}}).items():
-            cells = [fmt(o.get(k)) for k in ("median_us", "p10_us", "p90_us", "wall_median_us")]
+            cells = [fmt(o.get("kernel_us"), "{:.2f}"), fmt(o.get("kernels"), "{:g}"),
+                     fmt(o.get("kernels_in_graphs"), "{:g}")]
+            cells += [fmt(o.get(k)) for k in ("median_us", "p10_us", "p90_us", "wall_median_us")]
             cells += [fmt(o.get(k), "{:.1f}") for k in ("logical_gbps", "remote_gbps")]
-            graph = f"{o['calls_in_graphs']}/{o['calls']}" if "calls" in o else "-"
             lines.append(f"| {r['mode']} | {r['row']} | {op} | " + " | ".join(cells)
-                         + f" | {graph} | {chk} | {r['note']} |")
+                         + f" | {chk} | {r['note']} |")
     split = {}
     for r in report["rows"]:
         if r["row"] in ("jax_ep LL fused", "jax_ep LL split"):
             for op, o in r["ops"].items():
-                split.setdefault((r["mode"], op), {})[r["row"]] = o["median_us"]
+                split.setdefault((r["mode"], op), {})[r["row"]] = o.get("kernel_us",
+                                                                        o["median_us"])
     if split:
-        lines += ["", "| mode | op | fused us | split us | split - fused us |", "|---|---|---|---|---|"]
+        lines += ["", "| mode | op | fused us | split us | split - fused us |",
+                  "|---|---|---|---|---|"]
         for (mode, op), v in split.items():
             if len(v) == 2:
                 f_, s_ = v["jax_ep LL fused"], v["jax_ep LL split"]
@@ -342,7 +354,8 @@ def plot(report, path):
     fig, ax = plt.subplots(figsize=(11, 5))
     pos = np.arange(len(rows))
     for j, op in enumerate(("dispatch", "combine", "copy")):
-        vals = [r["ops"].get(op, {}).get("median_us", 0.0) for r in rows]
+        vals = [(lambda o: o.get("kernel_us", o.get("median_us", 0.0)))(r["ops"].get(op, {}))
+                for r in rows]
         ax.bar(pos + (j - 1) * 0.28, vals, 0.28, label=op)
     for op, ls in (("dispatch", "--"), ("combine", ":")):
         ax.axhline(DEEPEP_LL[op], color="k", ls=ls, lw=1, label=f"DeepEP V1 LL {op} (4x H200)")
@@ -369,6 +382,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for k, v in FULL.items():
         p.add_argument(f"--{k}", type=int, help=f"default {v} (--quick: {QUICK[k]})")
+    p.add_argument("--kernel-runs", type=int, default=200,
+                   help="calls profiled for the CUPTI kernel time (GPU)")
     p.add_argument("--rows", nargs="+", help="only rows whose name contains one of these")
     p.add_argument("--seed", type=int, help="input seed (default: fresh random, printed)")
     p.add_argument("--mode", choices=["stream", "graph", "both"], default="both",

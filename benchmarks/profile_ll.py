@@ -8,7 +8,9 @@ H=7168, top-8 of 288, FP8) in one jitted program each, under CUPTI (torch.profil
 every kernel of the process, XLA's included), and prints per kernel name: launches, mean and
 median device us, and the gaps between consecutive kernels on the stream (launch latency the
 per-call slope of bench_low_latency.py includes). --graph compiles with XLA's CUDA graphs for
-custom calls. Writes profile_ll[_graph].json under --out. GPU only.
+custom calls; "in graph" counts the launches of a kernel that a CUDA graph launch made (CUPTI
+correlates each kernel with its host API call; the JSON lists those calls' names). Writes
+profile_ll[_graph].json under --out. GPU only.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -65,14 +68,37 @@ def programs(buf, num_experts, calls, use_fp8=True):
     return {"fused": make(False), "split": make(True)}
 
 
-def kernel_table(prof_events):
-    """Per kernel name: count, mean / median us; and the stream gaps between kernels."""
-    per = defaultdict(list)
-    spans = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in prof_events)
-    for start, end, name in spans:
-        per[name].append(end - start)
+def kernel_table(trace_events):
+    """Per kernel name: its durations (us), how many of its launches came from a CUDA graph (the
+    host call of its correlation id launched a graph, not a kernel) and those calls' names; and
+    the stream gaps between kernels."""
+    launch_api = {e["args"]["correlation"]: e["name"] for e in trace_events
+                  if e.get("cat") in ("cuda_runtime", "cuda_driver")
+                  and "correlation" in e.get("args", {})}
+    kernels = [e for e in trace_events if e.get("cat") == "kernel"]
+    per, in_graph, apis = defaultdict(list), defaultdict(int), defaultdict(set)
+    for e in kernels:
+        per[e["name"]].append(e["dur"])
+        api = launch_api.get(e.get("args", {}).get("correlation"), "unknown")
+        in_graph[e["name"]] += "GraphLaunch" in api
+        apis[e["name"]].add(api)
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
     gaps = [b[0] - a[1] for a, b in zip(spans, spans[1:])]
-    return per, gaps
+    return per, in_graph, apis, gaps
+
+
+def profile_kernels(fn, args, runs):
+    """kernel_table of the kernels that `runs` calls of fn(*args) ran (each call waited for),
+    under CUPTI through torch.profiler (imported here: only the GPU tools need torch)."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(runs):
+            jax.block_until_ready(fn(*args))
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        return kernel_table(json.loads(trace.read_text())["traceEvents"])
 
 
 def main():
@@ -84,9 +110,6 @@ def main():
     p.add_argument("--graph", action="store_true")
     p.add_argument("--out", type=Path, default=Path("."))
     args = p.parse_args()
-    # CUPTI through kineto; only this tool needs torch
-    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
-
     devices = jax.devices()
     mesh = Mesh(np.array(devices), ("ep",))
     R, T, H, K, E = mesh.size, args.tokens, args.hidden, 8, 288
@@ -101,21 +124,16 @@ def main():
         f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
         for _ in range(3):
             f(x, idx, w, y).block_until_ready()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                f(x, idx, w, y).block_until_ready()
-        trace = Path(f"/tmp/profile_ll_{name}.json")
-        prof.export_chrome_trace(str(trace))
-        events = [e for e in json.loads(trace.read_text())["traceEvents"]
-                  if e.get("cat") == "kernel"]
-        per, gaps = kernel_table(events)
+        per, in_graph, apis, gaps = profile_kernels(f, (x, idx, w, y), 3)
         print(f"\n== {name} ({'graph' if args.graph else 'stream'}) T={T} H={H} "
               f"{'bf16' if args.bf16 else 'fp8'}, {args.calls} calls x 3 runs")
-        print(f"{'kernel':70s} {'n':>5s} {'mean us':>8s} {'p50 us':>8s}")
+        print(f"{'kernel':70s} {'n':>5s} {'mean us':>8s} {'p50 us':>8s} {'in graph':>8s}")
         rows = {}
         for k, v in sorted(per.items(), key=lambda kv: -sum(kv[1])):
-            print(f"{k[:70]:70s} {len(v):5d} {np.mean(v):8.2f} {np.median(v):8.2f}")
-            rows[k] = dict(n=len(v), mean_us=float(np.mean(v)), p50_us=float(np.median(v)))
+            print(f"{k[:70]:70s} {len(v):5d} {np.mean(v):8.2f} {np.median(v):8.2f} "
+                  f"{in_graph[k]:8d}")
+            rows[k] = dict(n=len(v), mean_us=float(np.mean(v)), p50_us=float(np.median(v)),
+                           in_graph=in_graph[k], launch_apis=sorted(apis[k]))
         g = np.array(gaps)
         g = g[g < 1000]  # not the host gaps between the 3 runs
         print(f"stream gaps between kernels: p50 {np.median(g):.2f} us, mean {g.mean():.2f} us")

@@ -39,26 +39,32 @@ def _buffer(mesh, m, h, k, backend=None):
 # ---------------------------------------------------------------- running the ops
 
 
-def _run_ll(buf, mesh, x, idx, w, num_experts, fp8, failed, split):
-    """One jitted program over the mesh (ll_model.program); per-rank numpy outputs."""
-    r_ = mesh.shape["ep"]
+def _ll_program(buf, mesh, num_experts, fp8, split):
+    """One jitted program over the mesh (ll_model.program): f(x, idx, w, failed)."""
     body = ll_model.program(buf, num_experts, fp8, split)
-    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("ep"), P("ep"), P("ep"), P()),
-                              out_specs=(P("ep"), P("ep"), P("ep"))))
-    t_ = idx.shape[1]
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("ep"), P("ep"), P("ep"), P()),
+                                 out_specs=(P("ep"), P("ep"), P("ep"))))
+
+
+def _run_ll(f, mesh, x, idx, w, failed):
+    """f (see _ll_program) on [R, T, ...] inputs; per-rank numpy outputs."""
+    r_, t_ = idx.shape[:2]
     out, comb, missing = f(jnp.asarray(x.reshape(r_ * t_, -1)), jnp.asarray(idx.reshape(r_ * t_, -1)),
                            jnp.asarray(w.reshape(r_ * t_, -1)), jnp.asarray(failed, jnp.int32))
     out = {k: np.asarray(v) for k, v in out.items()}
     return out, np.asarray(comb).reshape(r_, t_, -1), np.asarray(missing).reshape(r_, t_)
 
 
-def _check(buf, mesh, rng, t_, h, k_, num_experts, m, fp8, kind, failed=None, split=False):
+def _check(buf, mesh, rng, t_, h, k_, num_experts, m, fp8, kind, failed=None, split=False,
+           program=None):
+    """Fresh inputs through `program` (default: a new _ll_program) against the numpy model."""
     r_ = mesh.shape["ep"]
     failed = np.zeros(r_, bool) if failed is None else np.asarray(failed, bool)
     x = rng.standard_normal((r_, t_, h)).astype(np.float32) * rng.uniform(0.01, 30.0, (r_, t_, 1))
     x = x.astype(BF16)
     idx, w = ll_model.routing(rng, r_, t_, k_, num_experts, kind)
-    got, comb, missing = _run_ll(buf, mesh, x, idx, w, num_experts, fp8, failed, split)
+    f = program or _ll_program(buf, mesh, num_experts, fp8, split)
+    got, comb, missing = _run_ll(f, mesh, x, idx, w, failed)
     want = ll_model.np_dispatch(x, idx, w, num_experts, m, fp8, failed)
     for d in range(r_):
         ll_model.assert_dispatch_rank({k: v[d] for k, v in got.items()}, want[d], fp8,
@@ -364,6 +370,65 @@ def test_ll_misuse_is_an_error_not_a_hang(mode, message):
                           text=True, timeout=300, env=dict(os.environ))
     text = proc.stdout + proc.stderr
     assert message in text, text[-3000:]
+
+
+GRAPH_SCRIPT = r"""
+import os, sys
+tests, benchmarks, flags, seed = sys.argv[1:5]
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
+sys.path[:0] = [tests, benchmarks]
+import numpy as np
+import test_low_latency as t  # its conftest configures jax first
+import profile_ll
+from conftest import ep_devices, make_mesh
+mesh = make_mesh(len(ep_devices()))
+rng = np.random.default_rng(int(seed))
+r_, t_, h, k_, m = mesh.size, 11, 1408, 4, 12  # H: 2 whole combine chunks + part
+with t._buffer(mesh, m, h, k_) as buf:
+    assert buf.backend == "cuda", buf
+    for fp8, split in ((True, False), (True, True), (False, True)):
+        f = t._ll_program(buf, mesh, 3 * r_, fp8, split)
+        def check(gen):  # inputs drawn from gen, the same executable
+            t._check(buf, mesh, gen, t_, h, k_, 3 * r_, m, fp8, "messy", split=split, program=f)
+        for _ in range(2):  # compile; record the graphs
+            check(rng)
+        # fresh inputs, then the same inputs again (a replay need not call the handlers)
+        same, fresh = int(rng.integers(1 << 30)), iter([1, 0, 0, 1, 0, 0])
+        per, in_graph, apis, _ = profile_ll.profile_kernels(
+            lambda: check(rng if next(fresh) else np.random.default_rng(same)), (), 6)
+        for name, durations in per.items():
+            if "jax_ep" in name:
+                print(f"KERNEL fp8={fp8} split={split} {in_graph[name]}/{len(durations)} "
+                      f"{sorted(apis[name])} {name}")
+print("DONE")
+"""
+
+
+@gpu
+def test_ll_replays_in_xla_cuda_graphs():
+    """With XLA's command buffers on for custom calls (the flags of bench_low_latency.py's graph
+    mode), every launch of a jax_ep LL kernel comes from a CUDA graph launch (CUPTI through
+    torch.profiler correlates each kernel with its host call), and calls of one executable on
+    fresh inputs, the generation and parity advancing on the device, all equal the numpy model
+    bit for bit (fused and split, FP8 and bfloat16, messy routing with overflow)."""
+    import importlib.util  # noqa: PLC0415
+
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("needs torch (CUPTI through torch.profiler)")
+    here = os.path.dirname(os.path.abspath(__file__))
+    flags = "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"
+    seed = int.from_bytes(os.urandom(3), "little")
+    proc = subprocess.run([sys.executable, "-c", GRAPH_SCRIPT, here,
+                           os.path.join(os.path.dirname(here), "benchmarks"), flags, str(seed)],
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "DONE" in proc.stdout, f"seed {seed}\n" + text[-4000:]
+    kernels = [line.split() for line in proc.stdout.splitlines() if line.startswith("KERNEL")]
+    print("\n".join(" ".join(k) for k in kernels))
+    assert len({tuple(k[1:3]) for k in kernels}) == 3, text[-4000:]  # every program profiled
+    for k in kernels:
+        in_graph, launches = map(int, k[3].split("/"))
+        assert launches > 0 and in_graph == launches, " ".join(k)
 
 
 def test_fp8_inverse_scale_is_correctly_rounded(rng):

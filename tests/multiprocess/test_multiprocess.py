@@ -11,6 +11,7 @@ import re
 import pytest
 
 import launcher
+import ll_bodies
 
 RANKS = [2, 4]
 
@@ -134,7 +135,7 @@ def test_multiprocess_low_latency(num_processes, seed):
     results = _run("ll_bodies:ll_checks", num_processes, seed)
     for r in results:
         print(f"rank {r.rank}: {r.result}")
-        assert r.result["rank"] == r.rank and r.result["cases"] == 5  # len(ll_bodies.CASES)
+        assert r.result["rank"] == r.rank and r.result["cases"] == len(ll_bodies.CASES)
 
 
 @pytest.mark.parametrize("num_processes", RANKS)

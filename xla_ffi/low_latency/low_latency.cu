@@ -71,12 +71,20 @@ __device__ __forceinline__ int CombineSlot(int parity, int max_tokens, int t) {
   return 2 * (max_tokens + 1) + parity * max_tokens + t;
 }
 
-// The failed ranks; all of them on a rank marked failed itself (it takes no part). Through the
-// read-only cache: every thread reads the same words.
-__device__ __forceinline__ unsigned FailedBits(const int32_t* failed, int num_ranks, int rank) {
-  unsigned bits = 0;
-  for (int r = 0; r < num_ranks; ++r) bits |= unsigned(__ldg(failed + r) != 0) << r;
-  return (bits >> rank) & 1 ? (1u << num_ranks) - 1 : bits;
+// The failed ranks, in two steps like a send's words: lane r < R loads rank r's mark (issued
+// with the kernel's first loads: a loop of loads and ors made every thread wait for them before
+// it issued anything else, one more round trip at the head of the combine), then FailedBits
+// gathers the warp's marks. All ranks on a rank marked failed itself (it takes no part).
+// Called by every thread of a warp.
+__device__ __forceinline__ int LoadFailedMark(const int32_t* failed, int num_ranks) {
+  const int lane = threadIdx.x % 32;
+  return lane < num_ranks ? __ldg(failed + lane) : 0;
+}
+
+__device__ __forceinline__ unsigned FailedBits(int mark, int num_ranks, int rank) {
+  const unsigned bits = __ballot_sync(kFull, mark != 0);
+  const unsigned all = num_ranks >= 32 ? ~0u : (1u << num_ranks) - 1;
+  return (bits >> rank) & 1 ? all : bits;
 }
 
 // EP1: nothing is staged, so no block's reads must finish before the bookkeeping. Block 0 alone
@@ -165,6 +173,11 @@ __device__ __forceinline__ void PutInFlight(uint8_t* ws, int op, uint64_t g) {
   *reinterpret_cast<volatile uint64_t*>(Inflight(ws, op, int(g & 1))) = g;
 }
 
+// The ticket of generation g: (g, parity), one 8-byte store (XLA buffers are 16-byte aligned).
+__device__ __forceinline__ void PutTicket(int32_t* ticket, uint64_t g) {
+  *reinterpret_cast<int2*>(ticket) = make_int2(int32_t(g), int(g & 1));
+}
+
 // Last block of a send: generation g is now in flight.
 __device__ inline void EndSend(const CommArgs& c, int op, uint64_t g) {
   if (LastBlock(Done(c.peer_ws[c.rank], op, kSend)) && threadIdx.x == 0) {
@@ -212,7 +225,7 @@ __device__ inline uint64_t OpenSend(const CommArgs& c, int op, int op_code, unsi
   if (solo && blockIdx.x != 0) return 0;
   const uint64_t g = FinishBeginSend(c, op, op_code, failed, w, !solo);
   if (blockIdx.x == 0 && threadIdx.x == 0) {
-    ticket[0] = int32_t(g), ticket[1] = int(g & 1);
+    PutTicket(ticket, g);
     if (solo) RetireRecv<true>(c, op, g, failed);
   }
   return g;
@@ -268,7 +281,7 @@ __global__ void __launch_bounds__(32, 1) LLSoloSendKernel(CommArgs c, int op, in
   const int parity = int(g & 1);
   const uint64_t busy = parity ? busy1 : busy0;
   if (busy != 0) ReportAndTrap(c, op_code, kPhaseBusy, c.rank, busy);
-  *reinterpret_cast<int2*>(ticket) = make_int2(int32_t(g), parity);
+  PutTicket(ticket, g);
   PutInFlight(ws, op, g);
   LL_STAMP_END(1);
 }
@@ -815,9 +828,9 @@ template <bool kFp8>
 __global__ void __launch_bounds__(kThreads, 1) LLDispatchSendKernel(CommArgs c, LLDispatchSendArgs a) {
   __shared__ int s_hist[kMaxExperts];
   LL_STAMP(0);
-  SendPrefetch pre{};  // before the waits (an EP1 send is LLSoloSendKernel, not this one)
-  if (c.num_ranks > 1) pre = PrefetchSend<kFp8>(a, blockIdx.x);
-  const unsigned failed = FailedBits(a.failed, c.num_ranks, c.rank);
+  const int mark = LoadFailedMark(a.failed, c.num_ranks);
+  const SendPrefetch pre = PrefetchSend<kFp8>(a, blockIdx.x);  // before the waits (EP > 1)
+  const unsigned failed = FailedBits(mark, c.num_ranks, c.rank);
   const uint64_t g =
       OpenSend<false>(c, kOpD, kOpLLDispatch, failed, ReadSendWords(c, kOpD), a.ticket);
   LL_STAMP(1);
@@ -830,9 +843,10 @@ template <bool kFp8>
 __global__ void __launch_bounds__(kThreads, 1) LLDispatchRecvKernel(CommArgs c, LLDispatchRecvArgs a) {
   __shared__ int s_mem[kRecvSharedInts];
   LL_STAMP(0);
+  const int mark = LoadFailedMark(a.failed, c.num_ranks);
   const TicketWords ticket = ReadTicket(c, kOpD, a.ticket);
   const SendPrefetch pre = PrefetchSend<kFp8>(OwnInputs(a), blockIdx.x);  // the own tokens
-  const unsigned failed = FailedBits(a.failed, c.num_ranks, c.rank);
+  const unsigned failed = FailedBits(mark, c.num_ranks, c.rank);
   OpenRecv(c, kOpD, kOpLLDispatch, ticket, failed);
   DispatchRecvPart<kFp8>(c, a, ticket.g, ticket.parity, failed, pre, s_mem);
   EndRecv<false>(c, kOpD, ticket.g, failed);
@@ -846,8 +860,9 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(CommArgs c, LLDi
                                                                 LLDispatchRecvArgs r) {
   __shared__ int s_mem[kRecvSharedInts];  // the header histogram, then the receive's tables
   LL_STAMP(0);
+  const int mark = LoadFailedMark(s.failed, c.num_ranks);
   const SendPrefetch pre = PrefetchSend<kFp8>(s, blockIdx.x);  // also the receive's own tokens
-  const unsigned failed = FailedBits(s.failed, c.num_ranks, c.rank);
+  const unsigned failed = FailedBits(mark, c.num_ranks, c.rank);
   const uint64_t g =
       OpenSend<true>(c, kOpD, kOpLLDispatch, failed, ReadSendWords(c, kOpD), s.ticket);
   LL_STAMP(1);
@@ -1143,8 +1158,9 @@ __device__ __forceinline__ FirstRecvTask BeginRecvTask(const CommArgs& c,
 
 __global__ void __launch_bounds__(kThreads, 1) LLCombineSendKernel(CommArgs c, LLCombineSendArgs a) {
   LL_STAMP(0);
+  const int mark = LoadFailedMark(a.failed, c.num_ranks);
   const CombineMeta meta = SendTaskMeta(c, a, FirstWarpTask());
-  const unsigned failed = FailedBits(a.failed, c.num_ranks, c.rank);
+  const unsigned failed = FailedBits(mark, c.num_ranks, c.rank);
   const uint64_t g =
       OpenSend<false>(c, kOpC, kOpLLCombine, failed, ReadSendWords(c, kOpC), a.ticket);
   LL_STAMP(1);
@@ -1157,9 +1173,10 @@ __global__ void __launch_bounds__(kThreads, 1) LLCombineSendKernel(CommArgs c, L
 template <bool kSolo>
 __global__ void __launch_bounds__(kThreads, 1) LLCombineRecvKernel(CommArgs c, LLCombineRecvArgs a) {
   LL_STAMP(0);
+  const int mark = LoadFailedMark(a.failed, c.num_ranks);
   const TicketWords ticket = ReadTicket(c, kOpC, a.ticket);
   const FirstRecvTask first = BeginRecvTask(c, a);  // y is ready: no wait needed
-  const unsigned failed = FailedBits(a.failed, c.num_ranks, c.rank);
+  const unsigned failed = FailedBits(mark, c.num_ranks, c.rank);
   OpenRecv(c, kOpC, kOpLLCombine, ticket, failed);
   LL_STAMP(1);
   CombineRecvPart<kSolo>(c, a, ticket.g, ticket.parity, failed, first.meta, first.local);
@@ -1172,10 +1189,11 @@ template <bool kSolo>
 __global__ void __launch_bounds__(kThreads, 1) LLCombineKernel(CommArgs c, LLCombineSendArgs s,
                                                                LLCombineRecvArgs r) {
   LL_STAMP(0);
-  const unsigned failed = FailedBits(s.failed, c.num_ranks, c.rank);
+  const int mark = LoadFailedMark(s.failed, c.num_ranks);
   if constexpr (kSolo) {  // nothing to send: the own partials at once
     const SendWords words = ReadSendWords(c, kOpC);  // in flight with the first partial's loads
     const FirstRecvTask first = BeginRecvTask(c, r);
+    const unsigned failed = FailedBits(mark, c.num_ranks, c.rank);
     const uint64_t g = OpenSend<true>(c, kOpC, kOpLLCombine, failed, words, s.ticket);
     LL_STAMP(1);
     CombineRecvPart<true>(c, r, g, int(g & 1), failed, first.meta, first.local);
@@ -1183,6 +1201,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLCombineKernel(CommArgs c, LLCom
     return;
   }
   const CombineMeta meta = SendTaskMeta(c, s, FirstWarpTask());
+  const unsigned failed = FailedBits(mark, c.num_ranks, c.rank);
   const uint64_t g =
       OpenSend<true>(c, kOpC, kOpLLCombine, failed, ReadSendWords(c, kOpC), s.ticket);
   LL_STAMP(1);
