@@ -171,6 +171,11 @@ def jit_shard(fn, mesh):
     return jax.jit(jax.shard_map(g, mesh=mesh, in_specs=P(AX), out_specs=P(AX)))
 
 
+def headline_us(o):
+    """An op's time per call: its CUPTI kernel time where measured (GPU), else the chain slope."""
+    return o.get("kernel_us", o.get("median_us"))
+
+
 def kernel_time(fn, args, runs):
     """CUPTI device time of one call of fn(*args) (a program of one op): over `runs` calls, per
     kernel name, launches per call x median duration, summed over the names (DeepEP's kineto
@@ -228,7 +233,7 @@ def time_row(row, mesh, args, x, idx, w, res):
                  inner=args.inner, device_us=dev.tolist())
         if mesh.devices.flat[0].platform == "gpu":
             o.update(kernel_time(once, a, args.kernel_runs))
-        t = o.get("kernel_us", p50)  # the GB/s of the kernels' time where measured
+        t = headline_us(o)
         row_bytes = row.row_bytes if op == "dispatch" else row.combine_row_bytes
         for key, pairs in (("logical_gbps", res["pairs"]), ("remote_gbps", res["remote_pairs"])):
             o[key] = pairs * row_bytes / t / 1e3
@@ -333,8 +338,7 @@ def markdown(report):
     for r in report["rows"]:
         if r["row"] in ("jax_ep LL fused", "jax_ep LL split"):
             for op, o in r["ops"].items():
-                split.setdefault((r["mode"], op), {})[r["row"]] = o.get("kernel_us",
-                                                                        o["median_us"])
+                split.setdefault((r["mode"], op), {})[r["row"]] = headline_us(o)
     if split:
         lines += ["", "| mode | op | fused us | split us | split - fused us |",
                   "|---|---|---|---|---|"]
@@ -354,8 +358,7 @@ def plot(report, path):
     fig, ax = plt.subplots(figsize=(11, 5))
     pos = np.arange(len(rows))
     for j, op in enumerate(("dispatch", "combine", "copy")):
-        vals = [(lambda o: o.get("kernel_us", o.get("median_us", 0.0)))(r["ops"].get(op, {}))
-                for r in rows]
+        vals = [headline_us(r["ops"].get(op, {})) or 0.0 for r in rows]
         ax.bar(pos + (j - 1) * 0.28, vals, 0.28, label=op)
     for op, ls in (("dispatch", "--"), ("combine", ":")):
         ax.axhline(DEEPEP_LL[op], color="k", ls=ls, lw=1, label=f"DeepEP V1 LL {op} (4x H200)")

@@ -134,6 +134,16 @@ __device__ __forceinline__ SendWords ReadSendWords(const CommArgs& c, int op) {
   return w;
 }
 
+// Misuse: a send of generation g while the last send on its parity (busy0 / busy1: the two
+// Inflight words) is not yet received, i.e. a third send in flight.
+__device__ __forceinline__ void TrapIfParityBusy(const CommArgs& c, int op_code, uint64_t g,
+                                                 uint64_t busy0, uint64_t busy1) {
+  const int parity = int(g & 1);
+  if ((parity ? busy1 : busy0) != 0) {
+    ReportAndTrap(c, op_code, kPhaseBusy, c.rank, parity ? busy1 : busy0);
+  }
+}
+
 // sync = false: g in warp 0 only (no other thread may store to the staging or use g).
 __device__ inline uint64_t FinishBeginSend(const CommArgs& c, int op, int op_code,
                                            unsigned failed, const SendWords& w, bool sync = true) {
@@ -145,9 +155,7 @@ __device__ inline uint64_t FinishBeginSend(const CommArgs& c, int op, int op_cod
     const bool waits = d < c.num_ranks && !((failed >> d) & 1);
     const uint64_t g = w.last + 1;
     const int parity = int(g & 1);
-    if (check && (parity ? w.busy1 : w.busy0) != 0) {
-      ReportAndTrap(c, op_code, kPhaseBusy, c.rank, parity ? w.busy1 : w.busy0);
-    }
+    if (check) TrapIfParityBusy(c, op_code, g, w.busy0, w.busy1);
     if (waits && g > 2) {
       if ((parity ? w.seen1 : w.seen0) < g - 2) {
         WaitAtLeast(Consumed(ws, op, parity, d), g - 2, c, op_code, kPhaseFree, d, d == c.rank);
@@ -278,9 +286,7 @@ __global__ void __launch_bounds__(32, 1) LLSoloSendKernel(CommArgs c, int op, in
   const uint64_t busy0 = *reinterpret_cast<volatile uint64_t*>(Inflight(ws, op, 0));
   const uint64_t busy1 = *reinterpret_cast<volatile uint64_t*>(Inflight(ws, op, 1));
   const uint64_t g = last + 1;
-  const int parity = int(g & 1);
-  const uint64_t busy = parity ? busy1 : busy0;
-  if (busy != 0) ReportAndTrap(c, op_code, kPhaseBusy, c.rank, busy);
+  TrapIfParityBusy(c, op_code, g, busy0, busy1);
   PutTicket(ticket, g);
   PutInFlight(ws, op, g);
   LL_STAMP_END(1);
