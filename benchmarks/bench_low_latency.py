@@ -19,8 +19,9 @@ BF16 combine. Rows:
   nvlink_copy          raw peer-copy ceiling of the dispatch's remote bytes (R > 1 only)
 Modes: "stream" (XLA's default) and "graph": the same programs compiled with XLA's CUDA graphs
 (command buffers) for fusions and custom calls (--xla_gpu_enable_command_buffer=FUSION,
-CUSTOM_CALL --xla_gpu_graph_min_graph_size=1), in a child process; "in graph" counts the kernels
-per call that a CUDA graph launch ran (CUPTI): what proves the capture.
+CUSTOM_CALL --xla_gpu_graph_min_graph_size=1), in a child process, jax_ep's LL rows only;
+"jax_ep in graph" counts the jax_ep kernel launches per call that a CUDA graph launch made
+(CUPTI, see profile_ll.kernel_table): what shows the capture.
 
 Bytes (DeepEP's metric, per rank, averaged): the LL ops move one row per (token, expert) pair:
 dispatch H + H/128 * 4 bytes (FP8 + scales) or 2H (bf16), combine 2H; the normal kernels and
@@ -179,11 +180,15 @@ def headline_us(o):
 def kernel_time(fn, args, runs):
     """CUPTI device time of one call of fn(*args) (a program of one op): over `runs` calls, per
     kernel name, launches per call x median duration, summed over the names (DeepEP's kineto
-    metric); and the launches per call, all and those a CUDA graph launch made. GPU only."""
+    metric); the launches per call, all and jax_ep's, and how many of jax_ep's a CUDA graph
+    launch made (profile_ll.kernel_table; XLA's own kernels may launch through calls kineto
+    does not record, so only ours are counted). GPU only."""
     per, in_graph, _, _ = profile_ll.profile_kernels(fn, args, runs)
+    ours = [k for k in per if "jax_ep" in k]  # direct launches recorded: cudaLaunchKernel
     return dict(kernel_us=float(sum(len(v) * np.median(v) for v in per.values()) / runs),
                 kernels=sum(len(v) for v in per.values()) / runs,
-                kernels_in_graphs=sum(in_graph.values()) / runs,
+                ours=sum(len(per[k]) for k in ours) / runs,
+                ours_in_graphs=sum(in_graph[k] for k in ours) / runs,
                 kernel_names=sorted(per))
 
 
@@ -275,9 +280,10 @@ def run(args, mode):
     for name, make in makers:
         if args.rows and not any(s in name for s in args.rows):
             continue
-        if mode == "graph" and make is not None and "LL" not in name:
-            continue  # graph mode: the ops whose custom calls are command-buffer compatible
+        if mode == "graph" and make is not None and ("LL" not in name or "xla" in name):
+            continue  # graph mode: the rows of jax_ep's command-buffer compatible custom calls
         print(f"  [{mode}] {name}", flush=True)
+        t0 = time.perf_counter()
         res = dict(row=name, mode=mode, ops={}, note="")
         rows.append(res)
         try:
@@ -300,6 +306,7 @@ def run(args, mode):
         except Exception as e:  # keep the other rows of a costly GPU run
             traceback.print_exc()
             res["note"] = f"ERROR {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+        print(f"    {time.perf_counter() - t0:.0f} s", flush=True)  # compiles dominate
     cfg = dict(tokens_per_rank=T, hidden=H, topk=K, experts=E, ranks=R, seed=args.seed,
                expert_pairs_per_rank=stats["expert"][0], rank_pairs_per_rank=stats["rank"][0])
     return cfg, rows
@@ -313,23 +320,25 @@ def markdown(report):
              f"EP{c['ranks']}", "",
              "kernel us = CUPTI device time of one call (a program of the op alone, "
              f"{report['args']['kernel_runs']} calls: per kernel, launches per call x median "
-             "duration, summed; DeepEP's metric); kernels = kernel launches per call, in graph = "
-             "those a CUDA graph launch made; chain us = per-call slope of programs of n and 2n "
+             "duration, summed; DeepEP's metric); kernels = kernel launches per call; jax_ep in "
+             "graph = of jax_ep's launches per call, those a CUDA graph launch made; chain us = per-call slope of programs of n and 2n "
              "chained calls (median, p10, p90 of "
              f"{report['args']['iters']} pairs, n = {report['args']['inner']}: launch gaps "
              "included, host-timed, noisy at a few us); wall = one call per jitted program; GB/s "
              "from kernel us (chain us without CUPTI) per the module docstring (LL rows: per "
              "(token, expert) pair, FP8 row + scales for dispatch; others per (token, rank) pair, "
              "bf16).", "",
-             "| mode | row | op | kernel us | kernels | in graph | chain us p50 | p10 | p90 "
+             "| mode | row | op | kernel us | kernels | jax_ep in graph | chain us p50 | p10 | p90 "
              "| wall us | logical GB/s | remote GB/s | check | note |", "|" + "---|" * 14]
     fmt = lambda v, f="{:.1f}": "n/a" if v is None else f.format(v)  # noqa: E731
     for r in report["rows"]:
         err = r.get("check_err")
         chk = "-" if err is None else f"ok ({err:.2f})" if err <= 1 else "FAILED"
         for op, o in (r["ops"] or {"-": {}}).items():
+            ours = (None if o.get("ours") is None
+                    else f"{o['ours_in_graphs']:g}/{o['ours']:g}")
             cells = [fmt(o.get("kernel_us"), "{:.2f}"), fmt(o.get("kernels"), "{:g}"),
-                     fmt(o.get("kernels_in_graphs"), "{:g}")]
+                     ours or "n/a"]
             cells += [fmt(o.get(k)) for k in ("median_us", "p10_us", "p90_us", "wall_median_us")]
             cells += [fmt(o.get(k), "{:.1f}") for k in ("logical_gbps", "remote_gbps")]
             lines.append(f"| {r['mode']} | {r['row']} | {op} | " + " | ".join(cells)

@@ -8,8 +8,8 @@ H=7168, top-8 of 288, FP8) in one jitted program each, under CUPTI (torch.profil
 every kernel of the process, XLA's included), and prints per kernel name: launches, mean and
 median device us, and the gaps between consecutive kernels on the stream (launch latency the
 per-call slope of bench_low_latency.py includes). --graph compiles with XLA's CUDA graphs for
-custom calls; "in graph" counts the launches of a kernel that a CUDA graph launch made (CUPTI
-correlates each kernel with its host API call; the JSON lists those calls' names). Writes
+custom calls; "in graph" counts the launches of a kernel that no recorded kernel-launch call
+made, i.e. a CUDA graph launch (see kernel_table; the JSON lists the calls' names). Writes
 profile_ll[_graph].json under --out. GPU only.
 """
 from __future__ import annotations
@@ -69,9 +69,14 @@ def programs(buf, num_experts, calls, use_fp8=True):
 
 
 def kernel_table(trace_events):
-    """Per kernel name: its durations (us), how many of its launches came from a CUDA graph (the
-    host call of its correlation id launched a graph, not a kernel) and those calls' names; and
-    the stream gaps between kernels."""
+    """Per kernel name: its durations (us); how many of its launches were NOT made by a recorded
+    kernel-launch call (cudaLaunchKernel*, cuLaunchKernel*: what a direct launch records, e.g.
+    our handlers' <<<>>>), i.e. by a CUDA graph launch: XLA launches its command buffers with the
+    driver's cuGraphLaunch, which kineto does not record (it keeps cuLaunchKernel only), so such
+    a kernel's correlation id matches no recorded call, or a *GraphLaunch one where recorded;
+    the names of those calls ("unrecorded" where none); and the stream gaps between kernels.
+    The count is only evidence where a run without graphs shows the same kernels' direct
+    launches recorded (tests/test_low_latency.py checks both)."""
     launch_api = {e["args"]["correlation"]: e["name"] for e in trace_events
                   if e.get("cat") in ("cuda_runtime", "cuda_driver")
                   and "correlation" in e.get("args", {})}
@@ -79,8 +84,8 @@ def kernel_table(trace_events):
     per, in_graph, apis = defaultdict(list), defaultdict(int), defaultdict(set)
     for e in kernels:
         per[e["name"]].append(e["dur"])
-        api = launch_api.get(e.get("args", {}).get("correlation"), "unknown")
-        in_graph[e["name"]] += "GraphLaunch" in api
+        api = launch_api.get(e.get("args", {}).get("correlation"), "unrecorded")
+        in_graph[e["name"]] += "LaunchKernel" not in api and "LaunchCooperative" not in api
         apis[e["name"]].add(api)
     spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
     gaps = [b[0] - a[1] for a, b in zip(spans, spans[1:])]

@@ -398,37 +398,53 @@ with t._buffer(mesh, m, h, k_) as buf:
             lambda: check(rng if next(fresh) else np.random.default_rng(same)), (), 6)
         for name, durations in per.items():
             if "jax_ep" in name:
-                print(f"KERNEL fp8={fp8} split={split} {in_graph[name]}/{len(durations)} "
-                      f"{sorted(apis[name])} {name}")
+                print(f"KERNEL\tfp8={fp8}\tsplit={split}\t{in_graph[name]}/{len(durations)}\t"
+                      f"{name}\t{sorted(apis[name])}")
 print("DONE")
 """
+
+
+def _graph_script_kernels(flags, seed):
+    """Runs GRAPH_SCRIPT in a fresh process with XLA_FLAGS += flags: {(fp8, split, kernel name):
+    (launches not made by a recorded kernel-launch call, launches)} of the jax_ep kernels."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, "-c", GRAPH_SCRIPT, here,
+                           os.path.join(os.path.dirname(here), "benchmarks"), flags, str(seed)],
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "DONE" in proc.stdout, f"{flags} seed {seed}\n" + text[-4000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("KERNEL")]
+    print(f"XLA_FLAGS += {flags}\n" + "\n".join(lines))
+    kernels = {}
+    for line in lines:
+        _, fp8, split, counts, name, _ = line.split("\t")
+        kernels[fp8, split, name] = tuple(map(int, counts.split("/")))
+    assert len({k[:2] for k in kernels}) == 3, text[-4000:]  # every program profiled
+    return kernels
 
 
 @gpu
 def test_ll_replays_in_xla_cuda_graphs():
     """With XLA's command buffers on for custom calls (the flags of bench_low_latency.py's graph
-    mode), every launch of a jax_ep LL kernel comes from a CUDA graph launch (CUPTI through
-    torch.profiler correlates each kernel with its host call), and calls of one executable on
-    fresh inputs, the generation and parity advancing on the device, all equal the numpy model
-    bit for bit (fused and split, FP8 and bfloat16, messy routing with overflow)."""
+    mode), no launch of a jax_ep LL kernel comes from a recorded kernel-launch call (CUPTI through
+    torch.profiler correlates each kernel with its host call): a CUDA graph launch made them. The
+    control, the same script with command buffers off, must show every launch of the same
+    kernels made by a recorded launch call (our handlers' <<<>>>), so the correlation is proven to
+    see them. Calls of one executable on fresh inputs, the generation and parity advancing on the
+    device, all equal the numpy model bit for bit in both runs (fused and split, FP8 and
+    bfloat16, messy routing with overflow)."""
     import importlib.util  # noqa: PLC0415
 
     if importlib.util.find_spec("torch") is None:
         pytest.skip("needs torch (CUPTI through torch.profiler)")
-    here = os.path.dirname(os.path.abspath(__file__))
-    flags = "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"
     seed = int.from_bytes(os.urandom(3), "little")
-    proc = subprocess.run([sys.executable, "-c", GRAPH_SCRIPT, here,
-                           os.path.join(os.path.dirname(here), "benchmarks"), flags, str(seed)],
-                          capture_output=True, text=True, timeout=600, env=dict(os.environ))
-    text = proc.stdout + proc.stderr
-    assert proc.returncode == 0 and "DONE" in proc.stdout, f"seed {seed}\n" + text[-4000:]
-    kernels = [line.split() for line in proc.stdout.splitlines() if line.startswith("KERNEL")]
-    print("\n".join(" ".join(k) for k in kernels))
-    assert len({tuple(k[1:3]) for k in kernels}) == 3, text[-4000:]  # every program profiled
-    for k in kernels:
-        in_graph, launches = map(int, k[3].split("/"))
-        assert launches > 0 and in_graph == launches, " ".join(k)
+    stream = _graph_script_kernels("--xla_gpu_enable_command_buffer=", seed)
+    graph = _graph_script_kernels(
+        "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1", seed)
+    assert stream.keys() == graph.keys(), (sorted(stream), sorted(graph))
+    for k, (not_direct, launches) in stream.items():
+        assert launches > 0 and not_direct == 0, ("stream", k, not_direct, launches)
+        assert graph[k] == (launches, launches), ("graph", k, graph[k], launches)
 
 
 def test_fp8_inverse_scale_is_correctly_rounded(rng):
