@@ -306,13 +306,30 @@ def run(args, mode):
         except Exception as e:  # keep the other rows of a costly GPU run
             traceback.print_exc()
             res["note"] = f"ERROR {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
-        print(f"    {time.perf_counter() - t0:.0f} s", flush=True)  # compiles dominate
+        # each row's lines as soon as it is done: a run cut short keeps what it measured
+        print("\n".join(row_lines(res)) + f"\n    {time.perf_counter() - t0:.0f} s", flush=True)
     cfg = dict(tokens_per_rank=T, hidden=H, topk=K, experts=E, ranks=R, seed=args.seed,
                expert_pairs_per_rank=stats["expert"][0], rank_pairs_per_rank=stats["rank"][0])
     return cfg, rows
 
 
 # ------------------------------------------------------------------------------ report
+def row_lines(r):
+    """The markdown table lines of one row (one per op)."""
+    fmt = lambda v, f="{:.1f}": "n/a" if v is None else f.format(v)  # noqa: E731
+    err = r.get("check_err")
+    chk = "-" if err is None else f"ok ({err:.2f})" if err <= 1 else "FAILED"
+    lines = []
+    for op, o in (r["ops"] or {"-": {}}).items():
+        ours = None if o.get("ours") is None else f"{o['ours_in_graphs']:g}/{o['ours']:g}"
+        cells = [fmt(o.get("kernel_us"), "{:.2f}"), fmt(o.get("kernels"), "{:g}"), ours or "n/a"]
+        cells += [fmt(o.get(k)) for k in ("median_us", "p10_us", "p90_us", "wall_median_us")]
+        cells += [fmt(o.get(k), "{:.1f}") for k in ("logical_gbps", "remote_gbps")]
+        lines.append(f"| {r['mode']} | {r['row']} | {op} | " + " | ".join(cells)
+                     + f" | {chk} | {r['note']} |")
+    return lines
+
+
 def markdown(report):
     c = report["config"]
     lines = [f"## Low-latency dispatch/combine on {report['num_devices']} x {report['device_kind']}"
@@ -321,8 +338,8 @@ def markdown(report):
              "kernel us = CUPTI device time of one call (a program of the op alone, "
              f"{report['args']['kernel_runs']} calls: per kernel, launches per call x median "
              "duration, summed; DeepEP's metric); kernels = kernel launches per call; jax_ep in "
-             "graph = of jax_ep's launches per call, those a CUDA graph launch made; chain us = per-call slope of programs of n and 2n "
-             "chained calls (median, p10, p90 of "
+             "graph = of jax_ep's launches per call, those a CUDA graph launch made; chain us = "
+             "per-call slope of programs of n and 2n chained calls (median, p10, p90 of "
              f"{report['args']['iters']} pairs, n = {report['args']['inner']}: launch gaps "
              "included, host-timed, noisy at a few us); wall = one call per jitted program; GB/s "
              "from kernel us (chain us without CUPTI) per the module docstring (LL rows: per "
@@ -330,19 +347,8 @@ def markdown(report):
              "bf16).", "",
              "| mode | row | op | kernel us | kernels | jax_ep in graph | chain us p50 | p10 | p90 "
              "| wall us | logical GB/s | remote GB/s | check | note |", "|" + "---|" * 14]
-    fmt = lambda v, f="{:.1f}": "n/a" if v is None else f.format(v)  # noqa: E731
     for r in report["rows"]:
-        err = r.get("check_err")
-        chk = "-" if err is None else f"ok ({err:.2f})" if err <= 1 else "FAILED"
-        for op, o in (r["ops"] or {"-": {}}).items():
-            ours = (None if o.get("ours") is None
-                    else f"{o['ours_in_graphs']:g}/{o['ours']:g}")
-            cells = [fmt(o.get("kernel_us"), "{:.2f}"), fmt(o.get("kernels"), "{:g}"),
-                     ours or "n/a"]
-            cells += [fmt(o.get(k)) for k in ("median_us", "p10_us", "p90_us", "wall_median_us")]
-            cells += [fmt(o.get(k), "{:.1f}") for k in ("logical_gbps", "remote_gbps")]
-            lines.append(f"| {r['mode']} | {r['row']} | {op} | " + " | ".join(cells)
-                         + f" | {chk} | {r['note']} |")
+        lines += row_lines(r)
     split = {}
     for r in report["rows"]:
         if r["row"] in ("jax_ep LL fused", "jax_ep LL split"):

@@ -49,8 +49,8 @@ def _ll_program(buf, mesh, num_experts, fp8, split):
 def _run_ll(f, mesh, x, idx, w, failed):
     """f (see _ll_program) on [R, T, ...] inputs; per-rank numpy outputs."""
     r_, t_ = idx.shape[:2]
-    out, comb, missing = f(jnp.asarray(x.reshape(r_ * t_, -1)), jnp.asarray(idx.reshape(r_ * t_, -1)),
-                           jnp.asarray(w.reshape(r_ * t_, -1)), jnp.asarray(failed, jnp.int32))
+    rows = lambda a: jnp.asarray(a.reshape(r_ * t_, -1))  # noqa: E731
+    out, comb, missing = f(rows(x), rows(idx), rows(w), jnp.asarray(failed, jnp.int32))
     out = {k: np.asarray(v) for k, v in out.items()}
     return out, np.asarray(comb).reshape(r_, t_, -1), np.asarray(missing).reshape(r_, t_)
 
@@ -317,8 +317,9 @@ def test_ll_compute_sits_between_send_and_recv():
         entry = text[text.index("ENTRY"):]
         send = entry.index("jax_ep_ll_dispatch_send")
         recv = entry.index("jax_ep_ll_dispatch_recv")
-        gemm = min(i for i in (entry.find("__cublas$gemm"), entry.find("custom_call_target=\"__cublas"),
-                               entry.find(" dot(")) if i >= 0)
+        gemm = min(i for i in (entry.find("__cublas$gemm"),
+                               entry.find("custom_call_target=\"__cublas"), entry.find(" dot("))
+                   if i >= 0)
         assert send < gemm < recv, entry[:4000]
         count, _ = f(*args)
         assert int(count.sum()) == 16
