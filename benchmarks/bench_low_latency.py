@@ -184,7 +184,7 @@ def kernel_time(fn, args, runs):
     launch made (profile_ll.kernel_table; XLA's own kernels may launch through calls kineto
     does not record, so only ours are counted). GPU only."""
     per, in_graph, _, _ = profile_ll.profile_kernels(fn, args, runs)
-    ours = [k for k in per if "jax_ep" in k]  # direct launches recorded: cudaLaunchKernel
+    ours = [k for k in per if profile_ll.is_ours(k)]
     return dict(kernel_us=float(sum(len(v) * np.median(v) for v in per.values()) / runs),
                 kernels=sum(len(v) for v in per.values()) / runs,
                 ours=sum(len(per[k]) for k in ours) / runs,

@@ -68,6 +68,11 @@ def programs(buf, num_experts, calls, use_fp8=True):
     return {"fused": make(False), "split": make(True)}
 
 
+def is_ours(kernel_name):
+    """A jax_ep kernel (our handlers launch it with <<<>>>: recorded as cudaLaunchKernel)."""
+    return "jax_ep::" in kernel_name
+
+
 def kernel_table(trace_events):
     """Per kernel name: its durations (us); how many of its launches were NOT made by a recorded
     kernel-launch call (cudaLaunchKernel*, cuLaunchKernel*: what a direct launch records, e.g.

@@ -398,7 +398,7 @@ with t._buffer(mesh, m, h, k_) as buf:
         per, in_graph, apis, _ = profile_ll.profile_kernels(
             lambda: check(rng if next(fresh) else np.random.default_rng(same)), (), 6)
         for name, durations in per.items():
-            if "jax_ep" in name:
+            if profile_ll.is_ours(name):
                 print(f"KERNEL\tfp8={fp8}\tsplit={split}\t{in_graph[name]}/{len(durations)}\t"
                       f"{name}\t{sorted(apis[name])}")
 print("DONE")
