@@ -49,7 +49,7 @@ import time
 import traceback
 from pathlib import Path
 
-GRAPH_FLAGS = "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"
+from graph_flags import GRAPH_FLAGS  # this script's folder (imports nothing)
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # never NVLink multicast on the shared GPU hosts
 os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")

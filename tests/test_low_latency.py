@@ -375,9 +375,12 @@ def test_ll_misuse_is_an_error_not_a_hang(mode, message):
 
 GRAPH_SCRIPT = r"""
 import os, sys
-tests, benchmarks, flags, seed = sys.argv[1:5]
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
+tests, benchmarks, mode, seed = sys.argv[1:5]
 sys.path[:0] = [tests, benchmarks]
+from graph_flags import GRAPH_FLAGS  # imports nothing: jax is not yet started
+# "stream": command buffers off, every kernel launched directly (the control)
+flags = GRAPH_FLAGS if mode == "graph" else "--xla_gpu_enable_command_buffer="
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
 import numpy as np
 import test_low_latency as t  # its conftest configures jax first
 import profile_ll
@@ -405,17 +408,18 @@ print("DONE")
 """
 
 
-def _graph_script_kernels(flags, seed):
-    """Runs GRAPH_SCRIPT in a fresh process with XLA_FLAGS += flags: {(fp8, split, kernel name):
+def _graph_script_kernels(mode, seed):
+    """Runs GRAPH_SCRIPT in a fresh process, its XLA_FLAGS with command buffers off (mode
+    "stream") or bench_low_latency.py's graph flags ("graph"): {(fp8, split, kernel name):
     (launches not made by a recorded kernel-launch call, launches)} of the jax_ep kernels."""
     here = os.path.dirname(os.path.abspath(__file__))
     proc = subprocess.run([sys.executable, "-c", GRAPH_SCRIPT, here,
-                           os.path.join(os.path.dirname(here), "benchmarks"), flags, str(seed)],
+                           os.path.join(os.path.dirname(here), "benchmarks"), mode, str(seed)],
                           capture_output=True, text=True, timeout=600, env=dict(os.environ))
     text = proc.stdout + proc.stderr
-    assert proc.returncode == 0 and "DONE" in proc.stdout, f"{flags} seed {seed}\n" + text[-4000:]
+    assert proc.returncode == 0 and "DONE" in proc.stdout, f"{mode} seed {seed}\n" + text[-4000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("KERNEL")]
-    print(f"XLA_FLAGS += {flags}\n" + "\n".join(lines))
+    print(f"mode {mode}\n" + "\n".join(lines))
     kernels = {}
     for line in lines:
         _, fp8, split, counts, name, _ = line.split("\t")
@@ -439,9 +443,8 @@ def test_ll_replays_in_xla_cuda_graphs():
     if importlib.util.find_spec("torch") is None:
         pytest.skip("needs torch (CUPTI through torch.profiler)")
     seed = int.from_bytes(os.urandom(3), "little")
-    stream = _graph_script_kernels("--xla_gpu_enable_command_buffer=", seed)
-    graph = _graph_script_kernels(
-        "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1", seed)
+    stream = _graph_script_kernels("stream", seed)
+    graph = _graph_script_kernels("graph", seed)
     assert stream.keys() == graph.keys(), (sorted(stream), sorted(graph))
     for k, (not_direct, launches) in stream.items():
         assert launches > 0 and not_direct == 0, ("stream", k, not_direct, launches)
